@@ -1,0 +1,370 @@
+/**
+ * The transmission phase: read a request, validate it, dispatch it to the
+ * export, send the reply. Requests run concurrently up to a limit; replies
+ * go out as they complete, each written whole.
+ *
+ * @module
+ */
+import { type ByteReader, EndOfStream } from "./byte_reader.ts";
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_ENOMEM,
+  NBD_EOVERFLOW,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REQUEST_MAGIC,
+} from "./constants.ts";
+import { BASE_ALLOCATION_ID } from "./handshake.ts";
+import { commandName } from "./names.ts";
+import type { ExportSession } from "./session.ts";
+import {
+  CHUNK_HEADER,
+  ProtocolError,
+  putChunkHeader,
+  putSimpleHeader,
+  SIMPLE_HEADER,
+  simpleReply,
+  structuredError,
+} from "./wire.ts";
+import { ERRNO_VALUES, errnoOf, messageOf } from "../plugins/errors.ts";
+
+/** The largest READ or WRITE payload: nbdkit's limit. */
+export const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
+
+/** Policy of the transmission phase. */
+export interface TransmissionOptions {
+  /** Structured replies were negotiated. */
+  structured: boolean;
+  /** `base:allocation` was selected. */
+  baseAllocation: boolean;
+  /** Requests in flight at once on this connection (`-t`). */
+  maxInFlight: number;
+  /** Log one error line (the server adds its prefix). */
+  error(message: string): void;
+  /** Log one debug line. */
+  debug(message: string): void;
+  /** True once the server is shutting down: new requests get ESHUTDOWN. */
+  shuttingDown(): boolean;
+}
+
+const MAX_SAFE = Number.MAX_SAFE_INTEGER;
+const TWO32 = 0x1_0000_0000;
+
+const KNOWN_FLAGS = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF |
+  NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
+
+/** A request, decoded. */
+interface Request {
+  type: number;
+  flags: number;
+  cookie: Uint8Array;
+  offset: number;
+  count: number;
+  payload: Uint8Array | null;
+}
+
+/** The reason a request is refused before the export sees it. */
+interface Refusal {
+  errno: number;
+  message: string;
+}
+
+/** Commands that carry an offset and a count checked against the size. */
+function hasRange(type: number): boolean {
+  return type !== NBD_CMD_FLUSH;
+}
+
+/**
+ * Validate a request as nbdkit does; returns a refusal, or null when valid.
+ * `offHi`/`offLo` are the halves of the 64-bit offset.
+ */
+function validate(
+  s: ExportSession,
+  o: TransmissionOptions,
+  type: number,
+  flags: number,
+  offHi: number,
+  offLo: number,
+  count: number,
+): Refusal | null {
+  const name = commandName(type);
+  const eflags = s.flags;
+  const bad = (errno: number, why: string): Refusal => ({
+    errno,
+    message: `invalid request: ${name}: ${why}`,
+  });
+  switch (type) {
+    case NBD_CMD_READ:
+    case NBD_CMD_WRITE:
+    case NBD_CMD_FLUSH:
+    case NBD_CMD_TRIM:
+    case NBD_CMD_CACHE:
+    case NBD_CMD_WRITE_ZEROES:
+    case NBD_CMD_BLOCK_STATUS:
+      break;
+    default:
+      return bad(NBD_EINVAL, "unknown command");
+  }
+  if ((flags & ~KNOWN_FLAGS) !== 0) return bad(NBD_EINVAL, `unknown flags 0x${flags.toString(16)}`);
+  if ((flags & NBD_CMD_FLAG_FUA) && !(eflags & NBD_FLAG_SEND_FUA)) {
+    return bad(NBD_EINVAL, "FUA flag not advertised");
+  }
+  if (
+    (flags & NBD_CMD_FLAG_FUA) && type !== NBD_CMD_WRITE && type !== NBD_CMD_TRIM &&
+    type !== NBD_CMD_WRITE_ZEROES
+  ) {
+    return bad(NBD_EINVAL, "FUA flag on a command that does not write");
+  }
+  if ((flags & (NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO)) && type !== NBD_CMD_WRITE_ZEROES) {
+    return bad(NBD_EINVAL, "NO_HOLE or FAST_ZERO flag on a command other than WRITE_ZEROES");
+  }
+  if ((flags & NBD_CMD_FLAG_FAST_ZERO) && !(eflags & NBD_FLAG_SEND_FAST_ZERO)) {
+    return bad(NBD_EINVAL, "FAST_ZERO flag not advertised");
+  }
+  if ((flags & NBD_CMD_FLAG_DF) && (type !== NBD_CMD_READ || !o.structured)) {
+    return bad(NBD_EINVAL, "DF flag without structured replies or on a command other than READ");
+  }
+  if ((flags & NBD_CMD_FLAG_REQ_ONE) && type !== NBD_CMD_BLOCK_STATUS) {
+    return bad(NBD_EINVAL, "REQ_ONE flag on a command other than BLOCK_STATUS");
+  }
+  const writes = type === NBD_CMD_WRITE || type === NBD_CMD_TRIM || type === NBD_CMD_WRITE_ZEROES;
+  if (writes && (eflags & NBD_FLAG_READ_ONLY)) {
+    return bad(NBD_EPERM, "write request on a read-only export");
+  }
+  if (type === NBD_CMD_FLUSH && !(eflags & NBD_FLAG_SEND_FLUSH)) {
+    return bad(NBD_EINVAL, "flush not supported");
+  }
+  if (type === NBD_CMD_TRIM && !(eflags & NBD_FLAG_SEND_TRIM)) {
+    return bad(NBD_EINVAL, "trim not supported");
+  }
+  if (type === NBD_CMD_WRITE_ZEROES && !(eflags & NBD_FLAG_SEND_WRITE_ZEROES)) {
+    return bad(NBD_EINVAL, "write zeroes not supported");
+  }
+  if (type === NBD_CMD_CACHE && !(eflags & NBD_FLAG_SEND_CACHE)) {
+    return bad(NBD_EINVAL, "cache not supported");
+  }
+  if (type === NBD_CMD_BLOCK_STATUS && !(o.structured && o.baseAllocation)) {
+    return bad(NBD_EINVAL, "no metadata context was negotiated");
+  }
+  if (type === NBD_CMD_FLUSH) {
+    if (offHi !== 0 || offLo !== 0 || count !== 0) {
+      return bad(NBD_EINVAL, "offset and count must be zero");
+    }
+    return null;
+  }
+  if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && count > MAX_REQUEST_SIZE) {
+    return bad(NBD_ENOMEM, `count ${count} is larger than the maximum ${MAX_REQUEST_SIZE}`);
+  }
+  if (count === 0) return bad(NBD_EINVAL, "count is zero");
+  if (hasRange(type)) {
+    const offset = offHi * TWO32 + offLo;
+    if (offset + count > MAX_SAFE) {
+      const end = ((BigInt(offHi) << 32n) | BigInt(offLo)) + BigInt(count);
+      if (end > s.size) {
+        return bad(NBD_EINVAL, `offset ${end - BigInt(count)} + count ${count} > size ${s.size}`);
+      }
+      return bad(NBD_EOVERFLOW, `offset ${end - BigInt(count)} is beyond what this server handles`);
+    }
+    if (BigInt(offset + count) > s.size) {
+      return bad(NBD_EINVAL, `offset ${offset} + count ${count} > size ${s.size}`);
+    }
+  }
+  return null;
+}
+
+/**
+ * Serve requests until the client disconnects.
+ *
+ * @param reader The client's bytes, positioned at the first request.
+ * @param writer Where replies go.
+ * @param session The export.
+ * @param options Policy and logging.
+ * @throws {ProtocolError} When the client breaks the framing (the connection must end).
+ */
+export async function transmission(
+  reader: ByteReader,
+  writer: WritableStreamDefaultWriter<Uint8Array>,
+  session: ExportSession,
+  options: TransmissionOptions,
+): Promise<void> {
+  const { structured } = options;
+  let inFlight = 0;
+  let wake: (() => void) | null = null;
+  let broken = false;
+
+  const send = (bytes: Uint8Array): Promise<void> => {
+    if (broken) return Promise.resolve();
+    return writer.write(bytes).catch(() => {
+      broken = true;
+    });
+  };
+
+  const sendError = (req: Request, errno: number): Promise<void> =>
+    send(
+      structured && (req.type === NBD_CMD_READ || req.type === NBD_CMD_BLOCK_STATUS)
+        ? structuredError(req.cookie, errno)
+        : simpleReply(req.cookie, errno),
+    );
+
+  const release = () => {
+    inFlight--;
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+
+  const handle = async (req: Request): Promise<void> => {
+    const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
+    try {
+      switch (req.type) {
+        case NBD_CMD_READ: {
+          if (structured) {
+            const head = CHUNK_HEADER + 8;
+            const out = new Uint8Array(head + req.count);
+            await session.read(out.subarray(head), req.offset);
+            putChunkHeader(
+              out,
+              req.cookie,
+              NBD_REPLY_FLAG_DONE,
+              NBD_REPLY_TYPE_OFFSET_DATA,
+              8 + req.count,
+            );
+            const view = new DataView(out.buffer, CHUNK_HEADER, 8);
+            view.setUint32(0, Math.floor(req.offset / TWO32));
+            view.setUint32(4, req.offset % TWO32);
+            await send(out);
+          } else {
+            const out = new Uint8Array(SIMPLE_HEADER + req.count);
+            await session.read(out.subarray(SIMPLE_HEADER), req.offset);
+            putSimpleHeader(out, req.cookie, 0);
+            await send(out);
+          }
+          return;
+        }
+        case NBD_CMD_WRITE:
+          await session.write(req.payload!, req.offset, fua);
+          break;
+        case NBD_CMD_FLUSH:
+          await session.flush();
+          break;
+        case NBD_CMD_TRIM:
+          await session.trim(req.count, req.offset, fua);
+          break;
+        case NBD_CMD_CACHE:
+          await session.cache(req.count, req.offset);
+          break;
+        case NBD_CMD_WRITE_ZEROES:
+          await session.zero(req.count, req.offset, {
+            fua,
+            mayTrim: (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+            fastZero: (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+          });
+          break;
+        case NBD_CMD_BLOCK_STATUS: {
+          const pairs = await session.extents(
+            req.count,
+            req.offset,
+            (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0,
+          );
+          const length = 4 + pairs.length * 4;
+          const out = new Uint8Array(CHUNK_HEADER + length);
+          putChunkHeader(out, req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, length);
+          const view = new DataView(out.buffer, CHUNK_HEADER, length);
+          view.setUint32(0, BASE_ALLOCATION_ID);
+          for (let i = 0; i < pairs.length; i++) view.setUint32(4 + i * 4, pairs[i]);
+          await send(out);
+          return;
+        }
+      }
+      await send(simpleReply(req.cookie, 0));
+    } catch (err) {
+      const errno = ERRNO_VALUES[errnoOf(err)];
+      options.error(`${commandName(req.type)}: ${messageOf(err)}`);
+      await sendError(req, errno);
+    }
+  };
+
+  try {
+    while (!broken) {
+      let head: Uint8Array;
+      try {
+        head = await reader.read(28);
+      } catch (err) {
+        if (err instanceof EndOfStream) {
+          if (err.partial) options.debug("client closed the connection in the middle of a request");
+          else options.debug("client closed the connection");
+          return;
+        }
+        throw err;
+      }
+      const v = new DataView(head.buffer, head.byteOffset, 28);
+      const magic = v.getUint32(0);
+      if (magic !== NBD_REQUEST_MAGIC) {
+        throw new ProtocolError(`invalid request: bad magic 0x${magic.toString(16)}`);
+      }
+      const flags = v.getUint16(4);
+      const type = v.getUint16(6);
+      const cookie = head.slice(8, 16);
+      const offHi = v.getUint32(16);
+      const offLo = v.getUint32(20);
+      const count = v.getUint32(24);
+
+      if (type === NBD_CMD_DISC) {
+        options.debug("client sent NBD_CMD_DISC");
+        return;
+      }
+
+      let payload: Uint8Array | null = null;
+      if (type === NBD_CMD_WRITE) {
+        if (count > MAX_REQUEST_SIZE) {
+          // Drained in the stream's own chunks: nothing the size of `count` is allocated.
+          await reader.skip(count);
+        } else {
+          payload = await reader.read(count);
+        }
+      }
+
+      const req: Request = { type, flags, cookie, offset: offHi * TWO32 + offLo, count, payload };
+      const refusal = validate(session, options, type, flags, offHi, offLo, count);
+      if (refusal) {
+        options.error(refusal.message);
+        await sendError(req, refusal.errno);
+        continue;
+      }
+      if (options.shuttingDown()) {
+        await sendError(req, NBD_ESHUTDOWN);
+        continue;
+      }
+      while (inFlight >= options.maxInFlight) {
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      inFlight++;
+      handle(req).finally(release);
+    }
+  } finally {
+    while (inFlight > 0) await new Promise<void>((resolve) => wake = resolve);
+  }
+}

@@ -1,0 +1,301 @@
+/**
+ * The Deno adapter.
+ *
+ * @module
+ */
+import type {
+  Connection,
+  FileInfo,
+  FileKind,
+  Listener,
+  RandomAccessFile,
+  Runtime,
+  SignalName,
+  SpawnOptions,
+} from "./types.ts";
+import { readFirstLine } from "./first_line.ts";
+
+const encoder = new TextEncoder();
+
+function writeAllSync(w: { writeSync(p: Uint8Array): number }, text: string): void {
+  let bytes = encoder.encode(text);
+  while (bytes.length > 0) {
+    try {
+      bytes = bytes.subarray(w.writeSync(bytes));
+    } catch {
+      return; // stderr closed: nowhere to report it
+    }
+  }
+}
+
+function wrapConn(conn: Deno.Conn): Connection {
+  return {
+    readable: conn.readable,
+    writable: conn.writable,
+    close() {
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    },
+  };
+}
+
+async function acceptLoop(
+  listener: Deno.Listener,
+  onConnection: (conn: Connection) => void,
+  tcp: boolean,
+): Promise<void> {
+  while (true) {
+    let conn: Deno.Conn;
+    try {
+      conn = await listener.accept();
+    } catch (err) {
+      if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) return;
+      // EMFILE and friends: wait and carry on rather than stop serving.
+      await new Promise((r) => setTimeout(r, 100));
+      continue;
+    }
+    if (tcp) {
+      try {
+        (conn as Deno.TcpConn).setNoDelay(true);
+      } catch {
+        // not fatal
+      }
+    }
+    onConnection(wrapConn(conn));
+  }
+}
+
+function kindOf(info: Deno.FileInfo): FileKind {
+  if (info.isFile) return "file";
+  if (info.isDirectory) return "directory";
+  if (info.isFifo) return "fifo";
+  if (info.isSocket) return "socket";
+  if (info.isCharDevice) return "char";
+  if (info.isBlockDevice) return "block";
+  return "other";
+}
+
+class DenoFile implements RandomAccessFile {
+  #file: Deno.FsFile;
+  // Deno has no pread: seek and read must not interleave between requests.
+  #lock: Promise<unknown> = Promise.resolve();
+
+  constructor(file: Deno.FsFile) {
+    this.#file = file;
+  }
+
+  #locked<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#lock.then(fn, fn);
+    this.#lock = run.catch(() => {});
+    return run;
+  }
+
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#locked(async () => {
+      await this.#file.seek(offset, Deno.SeekMode.Start);
+      let done = 0;
+      while (done < buf.length) {
+        const n = await this.#file.read(buf.subarray(done));
+        if (n === null) {
+          buf.fill(0, done);
+          return;
+        }
+        done += n;
+      }
+    });
+  }
+
+  pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#locked(async () => {
+      await this.#file.seek(offset, Deno.SeekMode.Start);
+      let done = 0;
+      while (done < buf.length) done += await this.#file.write(buf.subarray(done));
+    });
+  }
+
+  async size(): Promise<number> {
+    return (await this.#file.stat()).size;
+  }
+
+  sync(): Promise<void> {
+    return this.#locked(() => this.#file.syncData());
+  }
+
+  close(): Promise<void> {
+    return this.#locked(() => {
+      this.#file.close();
+      return Promise.resolve();
+    });
+  }
+}
+
+function mainScript(): string | undefined {
+  const main = Deno.mainModule;
+  return main.startsWith("file:") ? new URL(main).pathname : undefined;
+}
+
+/** The runtime adapter for Deno. */
+export const denoRuntime: Runtime = {
+  name: "deno",
+  version: Deno.version.deno,
+  args: Deno.args,
+  pid: Deno.pid,
+  ppid: () => Deno.ppid,
+  env: (name) => Deno.env.get(name),
+  exit: (code) => Deno.exit(code),
+  writeStderr: (text) => writeAllSync(Deno.stderr, text),
+  writeStdout: (text) => writeAllSync(Deno.stdout, text),
+  stderrIsTerminal: () => Deno.stderr.isTerminal(),
+  onSignal(signal: SignalName, handler: () => void) {
+    Deno.addSignalListener(signal, handler);
+  },
+
+  listenTcp(hostname, port, onConnection): Promise<Listener> {
+    const listener = Deno.listen({ hostname: hostname ?? "0.0.0.0", port, transport: "tcp" });
+    const addr = listener.addr as Deno.NetAddr;
+    acceptLoop(listener, onConnection, true);
+    return Promise.resolve({
+      address: { transport: "tcp", hostname: addr.hostname, port: addr.port },
+      close: () => listener.close(),
+    });
+  },
+
+  async listenUnix(path, onConnection): Promise<Listener> {
+    try {
+      const info = await Deno.lstat(path);
+      if (info.isSocket) await Deno.remove(path);
+    } catch {
+      // no stale socket
+    }
+    const listener = Deno.listen({ transport: "unix", path });
+    acceptLoop(listener, onConnection, false);
+    return { address: { transport: "unix", path }, close: () => listener.close() };
+  },
+
+  async connectUnix(path) {
+    return wrapConn(await Deno.connect({ transport: "unix", path }));
+  },
+
+  stdio(): Connection {
+    return {
+      readable: Deno.stdin.readable,
+      writable: Deno.stdout.writable,
+      close() {
+        try {
+          Deno.stdin.close();
+        } catch { /* closed */ }
+        try {
+          Deno.stdout.close();
+        } catch { /* closed */ }
+      },
+    };
+  },
+
+  async spawnShell(command: string, options: SpawnOptions = {}): Promise<number> {
+    const child = new Deno.Command("/bin/sh", {
+      args: ["-c", command],
+      env: options.env,
+      stdin: options.stdin === "null" ? "null" : "inherit",
+      stdout: options.stdout === "stderr" ? "piped" : "inherit",
+      stderr: "inherit",
+    }).spawn();
+    if (options.stdout === "stderr") {
+      child.stdout.pipeTo(Deno.stderr.writable, { preventClose: true });
+    }
+    const status = await child.status;
+    return status.signal ? 128 + signalNumber(status.signal) : status.code;
+  },
+
+  async spawnDetachedSelf(args, env) {
+    const self = denoRuntime.selfCommand();
+    const child = new Deno.Command("setsid", {
+      args: [...self, ...args],
+      env,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const line = await readFirstLine(child.stdout);
+    child.unref();
+    return line;
+  },
+
+  selfCommand() {
+    const script = mainScript();
+    return script ? [Deno.execPath(), "run", "-A", script] : [Deno.execPath()];
+  },
+
+  async stat(path): Promise<FileInfo | null> {
+    try {
+      const info = await Deno.stat(path);
+      return { kind: kindOf(info), size: info.size };
+    } catch (err) {
+      if (err instanceof Deno.errors.NotFound) return null;
+      throw err;
+    }
+  },
+
+  async openFile(path, { write }) {
+    return new DenoFile(await Deno.open(path, { read: true, write }));
+  },
+
+  async mkfifo(path) {
+    const out = await new Deno.Command("mkfifo", {
+      args: ["-m", "600", "--", path],
+      stderr: "piped",
+    })
+      .output();
+    if (!out.success) {
+      throw new Error(`mkfifo: ${new TextDecoder().decode(out.stderr).trim()}`);
+    }
+  },
+
+  async openReadStream(path) {
+    return (await Deno.open(path, { read: true })).readable;
+  },
+
+  async openWriteStream(path) {
+    const info = await denoRuntime.stat(path);
+    const truncate = info?.kind === "file";
+    return (await Deno.open(path, { write: true, truncate, create: info === null })).writable;
+  },
+
+  stdinStream: () => Deno.stdin.readable,
+  stdoutStream: () => Deno.stdout.writable,
+  writeTextFile: (path, text) => Deno.writeTextFile(path, text),
+  async removeFile(path) {
+    try {
+      await Deno.remove(path);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+    }
+  },
+  makeTempDir: (prefix) => Deno.makeTempDir({ prefix }),
+  removeDir: (path) => Deno.remove(path, { recursive: true }),
+  resolvePath(path) {
+    return path.startsWith("/") ? path : `${Deno.cwd()}/${path}`;
+  },
+  async importModule(path) {
+    const url = new URL(`file://${denoRuntime.resolvePath(path)}`);
+    return await import(url.href);
+  },
+};
+
+const SIGNALS: Record<string, number> = {
+  SIGHUP: 1,
+  SIGINT: 2,
+  SIGQUIT: 3,
+  SIGABRT: 6,
+  SIGKILL: 9,
+  SIGSEGV: 11,
+  SIGPIPE: 13,
+  SIGALRM: 14,
+  SIGTERM: 15,
+};
+
+function signalNumber(name: string): number {
+  return SIGNALS[name] ?? 0;
+}

@@ -1,0 +1,149 @@
+/**
+ * The interface every runtime adapter (Deno, Bun, Node) implements. The rest
+ * of the code base knows only this; `runtime/mod.ts` picks the adapter.
+ *
+ * @module
+ */
+
+/** A byte stream connection (TCP, Unix socket, stdio, pipe). */
+export interface Connection {
+  /** Bytes from the peer. */
+  readonly readable: ReadableStream<Uint8Array>;
+  /** Bytes to the peer. */
+  readonly writable: WritableStream<Uint8Array>;
+  /** Close both directions at once, dropping anything unsent. */
+  close(): void;
+}
+
+/** Where a listener listens. */
+export type ListenAddress =
+  | { transport: "tcp"; hostname: string; port: number }
+  | { transport: "unix"; path: string };
+
+/** A listening socket. */
+export interface Listener {
+  /** The address actually bound (the port is real when 0 was asked). */
+  readonly address: ListenAddress;
+  /** Stop accepting. Connections already accepted carry on. */
+  close(): void;
+}
+
+/** A file opened for random access. */
+export interface RandomAccessFile {
+  /** Read exactly `buf.length` bytes at `offset` (zeroes past the end). */
+  pread(buf: Uint8Array, offset: number): Promise<void>;
+  /** Write all of `buf` at `offset`. */
+  pwrite(buf: Uint8Array, offset: number): Promise<void>;
+  /** The current size in bytes. */
+  size(): Promise<number>;
+  /** Make written data durable (fdatasync). */
+  sync(): Promise<void>;
+  /** Close the file. */
+  close(): Promise<void>;
+}
+
+/** What kind of thing a path names. */
+export type FileKind = "file" | "directory" | "fifo" | "socket" | "char" | "block" | "other";
+
+/** The result of {@linkcode Runtime.stat}. */
+export interface FileInfo {
+  /** The kind of file. */
+  kind: FileKind;
+  /** Its size in bytes (0 for FIFOs and sockets). */
+  size: number;
+}
+
+/** Options of {@linkcode Runtime.spawnShell}. */
+export interface SpawnOptions {
+  /** Extra environment variables on top of the server's own. */
+  env?: Record<string, string>;
+  /** Standard input of the child: inherited (default) or nothing. */
+  stdin?: "inherit" | "null";
+  /** Standard output of the child: inherited (default) or the server's stderr. */
+  stdout?: "inherit" | "stderr";
+}
+
+/** Signals the server reacts to. */
+export type SignalName = "SIGINT" | "SIGTERM" | "SIGHUP";
+
+/**
+ * Everything the server and the plugins need from the runtime.
+ */
+export interface Runtime {
+  /** Which runtime this is. */
+  readonly name: "deno" | "bun" | "node";
+  /** The runtime's own version string. */
+  readonly version: string;
+  /** Command line arguments after the script. */
+  readonly args: string[];
+  /** This process's id. */
+  readonly pid: number;
+  /** The parent process's id, read afresh on each call. */
+  ppid(): number;
+  /** An environment variable. */
+  env(name: string): string | undefined;
+  /** End the process. */
+  exit(code: number): never;
+  /** Write text to stderr, synchronously (log lines must not be lost at exit). */
+  writeStderr(text: string): void;
+  /** Write text to stdout, synchronously. */
+  writeStdout(text: string): void;
+  /** Whether stderr is a terminal. */
+  stderrIsTerminal(): boolean;
+  /** Call `handler` on `signal`; the default action is replaced. */
+  onSignal(signal: SignalName, handler: () => void): void;
+
+  /** Listen on TCP; `onConnection` is called for each accepted client. */
+  listenTcp(
+    hostname: string | undefined,
+    port: number,
+    onConnection: (conn: Connection) => void,
+  ): Promise<Listener>;
+  /** Listen on a Unix socket at `path` (replacing a stale socket file). */
+  listenUnix(path: string, onConnection: (conn: Connection) => void): Promise<Listener>;
+  /** Connect to a Unix socket. */
+  connectUnix(path: string): Promise<Connection>;
+  /** Standard input and output as one connection (for `-s`). */
+  stdio(): Connection;
+
+  /** Run `command` with `/bin/sh -c`; resolves to its exit status (128+N when killed by signal N). */
+  spawnShell(command: string, options?: SpawnOptions): Promise<number>;
+  /**
+   * Start this same program again, detached, with `args`, and resolve once it
+   * has written one line on its stdout (which is returned). Used to go to the
+   * background once listening.
+   */
+  spawnDetachedSelf(args: string[], env: Record<string, string>): Promise<string>;
+  /** The argv prefix that starts this program again (runtime binary and script). */
+  selfCommand(): string[];
+
+  /** Information about a path, or null when it does not exist. */
+  stat(path: string): Promise<FileInfo | null>;
+  /** Open a file for random access. */
+  openFile(path: string, options: { write: boolean }): Promise<RandomAccessFile>;
+  /** Create a FIFO (mode 0600). */
+  mkfifo(path: string): Promise<void>;
+  /**
+   * Open a file, FIFO or character device as a sequential byte stream. Opening
+   * a FIFO waits until the other end is opened, without blocking the event loop.
+   */
+  openReadStream(path: string): Promise<ReadableStream<Uint8Array>>;
+  /** As {@linkcode openReadStream}, for writing. */
+  openWriteStream(path: string): Promise<WritableStream<Uint8Array>>;
+  /** Standard input as a stream (`read=-`). */
+  stdinStream(): ReadableStream<Uint8Array>;
+  /** Standard output as a stream (`write=-`). */
+  stdoutStream(): WritableStream<Uint8Array>;
+  /** Write a whole text file. */
+  writeTextFile(path: string, text: string): Promise<void>;
+  /** Remove a file, ignoring a missing one. */
+  removeFile(path: string): Promise<void>;
+  /** Make a fresh temporary directory. */
+  makeTempDir(prefix: string): Promise<string>;
+  /** Remove a directory and everything in it. */
+  removeDir(path: string): Promise<void>;
+  /** Resolve a path against the current directory. */
+  resolvePath(path: string): string;
+  /** Import a plugin module from a file path. */
+  importModule(path: string): Promise<Record<string, unknown>>;
+}

@@ -1,0 +1,279 @@
+/**
+ * A plugin seen through the protocol's eyes: capabilities computed once per
+ * connection from the plugin's answers and defaults, emulation of what the
+ * plugin lacks (FUA by flushing, zeroes by writing, cache by reading), the
+ * thread model's locks, and extents clipped and merged.
+ *
+ * @module
+ */
+import {
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_HAS_FLAGS,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_ROTATIONAL,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+} from "../protocol/constants.ts";
+import type {
+  BlockSizeInfo,
+  ExportProvider,
+  ExportSession,
+  ZeroOptions,
+} from "../protocol/session.ts";
+import { NbdError } from "../plugins/errors.ts";
+import type { ExportInfo, Plugin, SupportMode } from "../plugins/plugin.ts";
+import { Mutex } from "./mutex.ts";
+
+/** Server-wide settings the backend needs. */
+export interface BackendOptions {
+  /** `-r`: every connection is read-only. */
+  readonly: boolean;
+  /** `-e`: the name of the default export. */
+  exportName: string;
+}
+
+/** Zeroes emulated with writes go out in pieces of this size. */
+const ZERO_CHUNK = 1024 * 1024;
+let zeroBuffer: Uint8Array | undefined;
+
+/** A lock for `serialize_all_requests`, shared by every connection. */
+const allRequests = new Mutex();
+
+/** Plugin capability answers for one handle. */
+interface Caps {
+  write: boolean;
+  flush: boolean;
+  rotational: boolean;
+  trim: boolean;
+  zero: boolean;
+  fastZero: boolean;
+  fua: SupportMode;
+  multiConn: boolean;
+  cache: SupportMode;
+  extents: boolean;
+}
+
+async function capabilities<H>(p: Plugin<H>, h: H, readonly: boolean): Promise<Caps> {
+  const write = !readonly && (p.canWrite ? await p.canWrite(h) : p.pwrite !== undefined);
+  const flush = p.canFlush ? await p.canFlush(h) : p.flush !== undefined;
+  const zero = write && (p.canZero ? await p.canZero(h) : true);
+  return {
+    write,
+    flush,
+    rotational: p.isRotational ? await p.isRotational(h) : false,
+    trim: write && (p.canTrim ? await p.canTrim(h) : p.trim !== undefined),
+    zero,
+    fastZero: zero && (p.canFastZero ? await p.canFastZero(h) : p.zero === undefined),
+    fua: !write ? "none" : p.canFua ? await p.canFua(h) : flush ? "emulate" : "none",
+    multiConn: p.canMultiConn ? await p.canMultiConn(h) : false,
+    cache: p.canCache ? await p.canCache(h) : p.cache !== undefined ? "native" : "none",
+    extents: p.canExtents ? await p.canExtents(h) : p.extents !== undefined,
+  };
+}
+
+function flagsOf(c: Caps): number {
+  let f = NBD_FLAG_HAS_FLAGS;
+  if (!c.write) f |= NBD_FLAG_READ_ONLY;
+  if (c.flush) f |= NBD_FLAG_SEND_FLUSH;
+  if (c.fua !== "none") f |= NBD_FLAG_SEND_FUA;
+  if (c.rotational) f |= NBD_FLAG_ROTATIONAL;
+  if (c.trim) f |= NBD_FLAG_SEND_TRIM;
+  if (c.zero) f |= NBD_FLAG_SEND_WRITE_ZEROES;
+  if (c.fastZero) f |= NBD_FLAG_SEND_FAST_ZERO;
+  if (c.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
+  if (c.cache !== "none") f |= NBD_FLAG_SEND_CACHE;
+  return f;
+}
+
+/** An open plugin handle serving one connection. */
+class PluginSession<H> implements ExportSession {
+  readonly name: string;
+  readonly size: bigint;
+  readonly flags: number;
+  readonly description: string | undefined;
+  readonly blockSize: BlockSizeInfo | undefined;
+  #p: Plugin<H>;
+  #h: H;
+  #caps: Caps;
+  #lock: Mutex | null;
+  #closed = false;
+
+  constructor(
+    p: Plugin<H>,
+    h: H,
+    name: string,
+    size: bigint,
+    caps: Caps,
+    description: string | undefined,
+    blockSize: BlockSizeInfo | undefined,
+  ) {
+    this.#p = p;
+    this.#h = h;
+    this.name = name;
+    this.size = size;
+    this.#caps = caps;
+    this.flags = flagsOf(caps);
+    this.description = description;
+    this.blockSize = blockSize;
+    const model = p.threadModel ?? "parallel";
+    this.#lock = model === "serialize_requests"
+      ? new Mutex()
+      : model === "serialize_all_requests"
+      ? allRequests
+      : null;
+  }
+
+  #call<T>(fn: () => T | Promise<T>): Promise<T> {
+    if (this.#lock) return this.#lock.run(fn);
+    return Promise.resolve(fn());
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    await this.#call(() => this.#p.pread(this.#h, buf, offset));
+  }
+
+  async write(buf: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    const native = fua && this.#caps.fua === "native";
+    await this.#call(() => this.#p.pwrite!(this.#h, buf, offset, { fua: native }));
+    if (fua && !native) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    if (this.#p.flush) await this.#call(() => this.#p.flush!(this.#h));
+  }
+
+  async trim(count: number, offset: number, fua: boolean): Promise<void> {
+    const native = fua && this.#caps.fua === "native";
+    await this.#call(() => this.#p.trim!(this.#h, count, offset, { fua: native }));
+    if (fua && !native) await this.flush();
+  }
+
+  async zero(count: number, offset: number, o: ZeroOptions): Promise<void> {
+    const native = o.fua && this.#caps.fua === "native";
+    if (this.#p.zero) {
+      try {
+        await this.#call(() =>
+          this.#p.zero!(this.#h, count, offset, {
+            fua: native,
+            mayTrim: o.mayTrim,
+            fastZero: o.fastZero,
+          })
+        );
+        if (o.fua && !native) await this.flush();
+        return;
+      } catch (err) {
+        // A plugin may refuse with ENOTSUP to ask for the emulation, as in nbdkit.
+        if (!(err instanceof NbdError && err.errno === "ENOTSUP") || o.fastZero) throw err;
+      }
+    }
+    if (o.fastZero) throw new NbdError("ENOTSUP", "fast zero is not supported by this plugin");
+    zeroBuffer ??= new Uint8Array(ZERO_CHUNK);
+    for (let done = 0; done < count; done += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, count - done);
+      await this.#call(() =>
+        this.#p.pwrite!(this.#h, zeroBuffer!.subarray(0, n), offset + done, { fua: false })
+      );
+    }
+    if (o.fua) await this.flush();
+  }
+
+  async cache(count: number, offset: number): Promise<void> {
+    if (this.#caps.cache === "native" && this.#p.cache) {
+      await this.#call(() => this.#p.cache!(this.#h, count, offset));
+      return;
+    }
+    const scratch = new Uint8Array(Math.min(count, ZERO_CHUNK));
+    for (let done = 0; done < count; done += scratch.length) {
+      const n = Math.min(scratch.length, count - done);
+      await this.read(scratch.subarray(0, n), offset + done);
+    }
+  }
+
+  async extents(count: number, offset: number, reqOne: boolean): Promise<number[]> {
+    if (!this.#caps.extents || !this.#p.extents) return [count, 0];
+    const end = offset + count;
+    const pairs: number[] = [];
+    let pos = offset;
+    let error: string | null = null;
+    const sink = {
+      add: (start: number, length: number, type: number) => {
+        if (error !== null || pos >= end || length <= 0) return;
+        const stop = Math.min(start + length, end);
+        if (stop <= pos) return; // before the range, or already covered
+        if (start > pos) {
+          error = `plugin reported extents with a gap: expected offset ${pos}, got ${start}`;
+          return;
+        }
+        const t = type & 3;
+        const n = pairs.length;
+        if (n > 0 && pairs[n - 1] === t) pairs[n - 2] += stop - pos;
+        else pairs.push(stop - pos, t);
+        pos = stop;
+      },
+    };
+    await this.#call(() => this.#p.extents!(this.#h, count, offset, { reqOne }, sink));
+    if (error !== null) throw new NbdError("EIO", error);
+    if (pairs.length === 0) throw new NbdError("EIO", "plugin reported no extents");
+    return reqOne ? pairs.slice(0, 2) : pairs;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#p.close) await this.#p.close(this.#h);
+  }
+}
+
+/**
+ * The export provider of one connection, backed by a plugin.
+ *
+ * @param plugin The configured, ready plugin.
+ * @param options Server settings.
+ * @param connection The connection's number (for the plugin's messages).
+ * @returns The provider the handshake uses.
+ */
+export function pluginProvider<H>(
+  plugin: Plugin<H>,
+  options: BackendOptions,
+  connection: number,
+): ExportProvider {
+  return {
+    async listExports(tls: boolean): Promise<ExportInfo[]> {
+      if (plugin.listExports) {
+        return await plugin.listExports({ readonly: options.readonly, tls });
+      }
+      return [{ name: options.exportName }];
+    },
+
+    async open(name: string, tls: boolean): Promise<ExportSession> {
+      let canonical = name;
+      if (name === "" && plugin.defaultExport) {
+        canonical = await plugin.defaultExport({ readonly: options.readonly, tls });
+      }
+      const h = await plugin.open({
+        readonly: options.readonly,
+        exportName: canonical,
+        tls,
+        connection,
+      });
+      try {
+        const rawSize = await plugin.getSize(h);
+        const size = BigInt(rawSize);
+        if (size < 0n) throw new NbdError("EIO", `plugin reported a negative size: ${rawSize}`);
+        const caps = await capabilities(plugin, h, options.readonly);
+        const description = plugin.exportDescription
+          ? await plugin.exportDescription(h)
+          : undefined;
+        const blockSize = plugin.blockSize ? await plugin.blockSize(h) : undefined;
+        return new PluginSession(plugin, h, canonical, size, caps, description, blockSize);
+      } catch (err) {
+        if (plugin.close) await plugin.close(h);
+        throw err;
+      }
+    },
+  };
+}

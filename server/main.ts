@@ -1,0 +1,344 @@
+/**
+ * The command line program: nbdkit's options and behaviour on top of
+ * {@linkcode startServer}.
+ *
+ * @module
+ */
+import { BUILTIN_PLUGINS } from "../plugins/builtin.ts";
+import { messageOf } from "../plugins/errors.ts";
+import type { Plugin } from "../plugins/plugin.ts";
+import { runtime } from "../runtime/mod.ts";
+import { VERSION } from "../version.ts";
+import { type CliArgs, parseCli, UsageError } from "./cli_args.ts";
+import { logConfig } from "./log.ts";
+import { type Server, startServer } from "./serve.ts";
+import { uriOf } from "./uri.ts";
+
+/** Set in the environment of the background child, which then reports readiness on stdout. */
+const DAEMON_ENV = "NBDKIT_TS_DAEMON";
+
+/** Usage text of `--help`. */
+export const USAGE = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-e EXPORTNAME]
+          [-s] [--run 'COMMAND ARGS ...'] [-P PIDFILE] [--exit-with-parent]
+          [-t THREADS] [--no-sr] [--no-mc] [--mask-handshake=MASK]
+          [--print-uri] [-v] [--log=stderr|null] [--timeout=SECS]
+          PLUGIN [[KEY=]VALUE [KEY=VALUE [...]]]
+
+nbdkit-ts --dump-config
+nbdkit-ts PLUGIN --dump-plugin
+nbdkit-ts PLUGIN --help
+nbdkit-ts --help
+nbdkit-ts -V|--version
+
+An NBD server with nbdkit's command line, written in TypeScript.
+
+PLUGIN is a built-in plugin (${Object.keys(BUILTIN_PLUGINS).join(", ")})
+or the path of a .ts/.js module whose default export is a plugin.
+
+Options:
+  -U, --unix SOCKET|-     Listen on a Unix socket ('-': a private one, for --run).
+  -p, --port PORT         Listen on TCP port PORT (default 10809).
+  -i, --ipaddr IPADDR     Listen on this address only.
+  -f, --foreground        Do not go to the background once listening.
+  -r, --readonly          Every client is read-only.
+  -e, --exportname NAME   The name of the default export (for LIST and $uri).
+  -s, --single            Serve one client on stdin/stdout, then exit.
+  --run 'COMMAND'         Captive mode: run COMMAND with $uri, $nbd, $unixsocket,
+                          $port, $exportname, $tls set; exit with its status.
+  -P, --pidfile FILE      Write the server's process id to FILE once listening.
+  --exit-with-parent      Exit when the parent process exits (implies -f).
+  -t, --threads N         Requests in flight per connection (default 16).
+  --no-sr                 Do not offer structured replies.
+  --no-mc                 Do not offer metadata contexts (block status).
+  --mask-handshake=MASK   Advertise only these global handshake flags.
+  --print-uri             Print the server's URI on stdout once listening.
+  -v, --verbose           Debug messages on stderr.
+  --log=stderr|null       Where messages go (default stderr).
+  --timeout=SECS          Drop clients that have not finished the handshake (default 60).
+  --dump-config           Print the server's configuration and exit.
+  -V, --version           Print the version and exit.
+`;
+
+function say(line: string): void {
+  runtime.writeStderr(`nbdkit-ts: ${line}\n`);
+}
+
+/** Load a plugin by built-in name or module path. */
+async function loadPlugin(name: string): Promise<Plugin<unknown>> {
+  const builtin = BUILTIN_PLUGINS[name];
+  if (builtin) return await builtin();
+  if (!name.includes("/") && !/\.(ts|js|mjs|mts)$/.test(name)) {
+    throw new Error(
+      `cannot open plugin '${name}': no built-in plugin of that name ` +
+        `(built-in: ${Object.keys(BUILTIN_PLUGINS).join(", ")}); give a path to load a module`,
+    );
+  }
+  const path = runtime.resolvePath(name);
+  if ((await runtime.stat(path)) === null) {
+    throw new Error(`cannot open plugin '${name}': ${path}: No such file or directory`);
+  }
+  const mod = await runtime.importModule(path);
+  const plugin = (mod.default ?? mod.plugin) as Plugin<unknown> | undefined;
+  if (!plugin || typeof plugin !== "object" || typeof plugin.name !== "string") {
+    throw new Error(
+      `cannot open plugin '${name}': the module has no default export that is a plugin`,
+    );
+  }
+  for (const required of ["open", "getSize", "pread"] as const) {
+    if (typeof plugin[required] !== "function") {
+      throw new Error(`plugin '${plugin.name}' must define ${required}()`);
+    }
+  }
+  return plugin;
+}
+
+function dumpPlugin(plugin: Plugin<unknown>, name: string): string {
+  const lines = [
+    `path=${BUILTIN_PLUGINS[name] ? "(built-in)" : runtime.resolvePath(name)}`,
+    `name=${plugin.name}`,
+    `version=${plugin.version ?? ""}`,
+    `thread_model=${plugin.threadModel ?? "parallel"}`,
+  ];
+  if (plugin.magicConfigKey) lines.push(`magic_config_key=${plugin.magicConfigKey}`);
+  const callbacks: Array<[keyof Plugin<unknown>, string]> = [
+    ["config", "config"],
+    ["configComplete", "config_complete"],
+    ["configHelp", "config_help"],
+    ["getReady", "get_ready"],
+    ["unload", "unload"],
+    ["listExports", "list_exports"],
+    ["defaultExport", "default_export"],
+    ["open", "open"],
+    ["close", "close"],
+    ["getSize", "get_size"],
+    ["exportDescription", "export_description"],
+    ["blockSize", "block_size"],
+    ["canWrite", "can_write"],
+    ["canFlush", "can_flush"],
+    ["isRotational", "is_rotational"],
+    ["canTrim", "can_trim"],
+    ["canZero", "can_zero"],
+    ["canFastZero", "can_fast_zero"],
+    ["canFua", "can_fua"],
+    ["canMultiConn", "can_multi_conn"],
+    ["canCache", "can_cache"],
+    ["canExtents", "can_extents"],
+    ["pread", "pread"],
+    ["pwrite", "pwrite"],
+    ["flush", "flush"],
+    ["trim", "trim"],
+    ["zero", "zero"],
+    ["extents", "extents"],
+    ["cache", "cache"],
+  ];
+  for (const [key, cname] of callbacks) {
+    if (plugin[key] !== undefined) lines.push(`has_${cname}=1`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+function dumpConfig(): string {
+  return [
+    `binary=${runtime.selfCommand().join(" ")}`,
+    `name=nbdkit-ts`,
+    `version=${VERSION}`,
+    `runtime=${runtime.name}`,
+    `runtime_version=${runtime.version}`,
+    `plugins=${Object.keys(BUILTIN_PLUGINS).join(" ")}`,
+    `max_request_size=${64 * 1024 * 1024}`,
+  ].join("\n") + "\n";
+}
+
+async function configure(plugin: Plugin<unknown>, args: CliArgs): Promise<void> {
+  for (const { key, value } of args.params) {
+    let k = key;
+    if (k === null) {
+      if (!plugin.magicConfigKey) {
+        throw new Error(
+          `plugin '${plugin.name}' does not take a bare value: '${value}' (expected KEY=VALUE)`,
+        );
+      }
+      k = plugin.magicConfigKey;
+    }
+    if (!plugin.config) throw new Error(`unknown parameter '${k}'`);
+    await plugin.config(k, value);
+  }
+  await plugin.configComplete?.();
+}
+
+function checkCombinations(args: CliArgs): void {
+  if (args.single && args.run !== undefined) {
+    throw new UsageError("-s and --run cannot be used together");
+  }
+  if (args.single && (args.unixSocket !== undefined || args.port !== undefined)) {
+    throw new UsageError("-s cannot be used with -U or -p");
+  }
+  if (args.unixSocket !== undefined && args.port !== undefined) {
+    throw new UsageError("-p and -U cannot be used together");
+  }
+  if (args.unixSocket === "-" && args.run === undefined && !args.printUri) {
+    throw new UsageError("-U - requires --run or --print-uri (the socket name is private)");
+  }
+  if (args.tls !== "off" || args.tlsCertificates || args.tlsPsk || args.tlsVerifyPeer) {
+    throw new UsageError("TLS is not available in this version of nbdkit-ts (use --tls=off)");
+  }
+}
+
+/** Go to the background: start ourselves again in the foreground, detached, and wait until it listens. */
+async function daemonize(argv: string[]): Promise<number> {
+  const line = await runtime.spawnDetachedSelf(["-f", ...argv], { [DAEMON_ENV]: "1" });
+  if (!line.startsWith("ready")) return 1;
+  const uri = line.slice("ready ".length);
+  return uri ? (runtime.writeStdout(`${uri}\n`), 0) : 0;
+}
+
+/**
+ * Run the command line.
+ *
+ * @param argv The arguments after the program name.
+ * @returns The exit status.
+ */
+export async function main(argv: string[]): Promise<number> {
+  let args: CliArgs;
+  try {
+    args = parseCli(argv);
+    checkCombinations(args);
+  } catch (err) {
+    say(messageOf(err));
+    return 1;
+  }
+  logConfig.verbose = args.verbose;
+  logConfig.target = args.log;
+
+  if (args.version) {
+    runtime.writeStdout(`nbdkit-ts ${VERSION} (${runtime.name} ${runtime.version})\n`);
+    return 0;
+  }
+  if (args.dumpConfig) {
+    runtime.writeStdout(dumpConfig());
+    return 0;
+  }
+  if (args.plugin === undefined) {
+    if (args.help) {
+      runtime.writeStdout(USAGE);
+      return 0;
+    }
+    say("error: no plugin given on the command line; see 'nbdkit-ts --help'");
+    return 1;
+  }
+
+  let plugin: Plugin<unknown>;
+  try {
+    plugin = await loadPlugin(args.plugin);
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
+  if (args.help) {
+    runtime.writeStdout(
+      `${plugin.name}${plugin.longname ? ` (${plugin.longname})` : ""}\n` +
+        `${plugin.configHelp ?? "This plugin takes no parameters."}\n`,
+    );
+    return 0;
+  }
+  if (args.dumpPlugin) {
+    runtime.writeStdout(dumpPlugin(plugin, args.plugin));
+    return 0;
+  }
+
+  try {
+    await configure(plugin, args);
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
+
+  const background = !args.foreground && args.run === undefined && !args.single &&
+    !args.exitWithParent && runtime.env(DAEMON_ENV) !== "1";
+  if (background) return await daemonize(argv);
+
+  let privateDir: string | undefined;
+  let unixSocket = args.unixSocket;
+  if (unixSocket === "-") {
+    privateDir = await runtime.makeTempDir("nbdkit-ts");
+    unixSocket = `${privateDir}/socket`;
+  }
+
+  let server: Server;
+  try {
+    server = await startServer(plugin, {
+      unixSocket: unixSocket === undefined ? undefined : runtime.resolvePath(unixSocket),
+      port: args.port,
+      hostname: args.ipaddr,
+      stdio: args.single,
+      readonly: args.readonly,
+      exportName: args.exportName,
+      threads: args.threads,
+      structuredReplies: !args.noSr,
+      metaContexts: !args.noMc,
+      maskHandshake: args.maskHandshake,
+      handshakeTimeout: args.timeout,
+    });
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
+    return 1;
+  }
+
+  const uri = server.address ? uriOf(server.address, args.exportName) : "";
+  let stopping: Promise<void> | null = null;
+  const stop = () => {
+    stopping ??= (async () => {
+      await server.close();
+      if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
+      if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
+    })();
+    return stopping;
+  };
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    runtime.onSignal(signal, () => stop().then(() => runtime.exit(0)));
+  }
+
+  if (args.pidfile) await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);
+  if (runtime.env(DAEMON_ENV) === "1") {
+    runtime.writeStdout(`ready ${args.printUri ? uri : ""}\n`);
+  } else if (args.printUri) {
+    runtime.writeStdout(`${uri}\n`);
+  }
+
+  if (args.exitWithParent) {
+    const parent = runtime.ppid();
+    const timer = setInterval(() => {
+      if (runtime.ppid() !== parent) {
+        clearInterval(timer);
+        stop().then(() => runtime.exit(0));
+      }
+    }, 1000);
+  }
+
+  if (args.run !== undefined) {
+    const address = server.address!;
+    const env: Record<string, string> = {
+      uri,
+      nbd: uri,
+      exportname: args.exportName,
+      unixsocket: address.transport === "unix" ? address.path : "",
+      port: address.transport === "tcp" ? String(address.port) : "",
+      tls: "0",
+    };
+    let status: number;
+    try {
+      status = await runtime.spawnShell(args.run, { env });
+    } catch (err) {
+      say(`error: --run: ${messageOf(err)}`);
+      status = 1;
+    }
+    if (status > 128) say(`external command was killed by signal ${status - 128}`);
+    await stop();
+    return status;
+  }
+
+  await server.finished;
+  await stop();
+  return 0;
+}

@@ -1,0 +1,175 @@
+/**
+ * Shared helpers of the interop tests: run our command line under the
+ * runtime that runs the tests, run real clients, make scratch files.
+ *
+ * Tests use `node:` built-ins only, which Deno, Bun and Node all provide.
+ *
+ * @module
+ */
+import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/** The repository's root folder. */
+export const ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
+
+/**
+ * The environment for clients: Debian's python3 first (for nbdsh and the nbd
+ * module), `NBDKIT_TS` set to our command line so `--run` scripts can call it.
+ */
+export const CLIENT_ENV: Record<string, string> = {
+  ...(process.env as Record<string, string>),
+  PATH: `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`,
+  LANG: "C.UTF-8",
+};
+
+function whichRuntime(): "deno" | "bun" | "node" {
+  const g = globalThis as { Deno?: unknown; Bun?: unknown };
+  if (g.Deno) return "deno";
+  if (g.Bun) return "bun";
+  return "node";
+}
+
+/** The runtime running the tests, which is the one our server runs on. */
+export const RUNTIME: "deno" | "bun" | "node" = whichRuntime();
+
+/**
+ * The argv that starts our command line on the runtime running the tests.
+ * `NBDKIT_TS_CMD` (a JSON array) overrides it, e.g. to test a compiled binary.
+ */
+export function ourCommand(): string[] {
+  const override = process.env.NBDKIT_TS_CMD;
+  if (override) return JSON.parse(override);
+  switch (RUNTIME) {
+    case "deno":
+      return [process.execPath, "run", "-A", "--no-check", join(ROOT, "cli.ts")];
+    case "bun":
+      return [process.execPath, join(ROOT, "cli.ts")];
+    case "node":
+      return [process.execPath, join(ROOT, "npm", "dist", "esm", "cli.js")];
+  }
+}
+
+/** Quote one word for /bin/sh. */
+export function shQuote(word: string): string {
+  return /^[A-Za-z0-9_\/.,:=+@%-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
+}
+
+/** Our command line as one shell string, for use inside shell scripts. */
+export function ourShell(): string {
+  return ourCommand().map(shQuote).join(" ");
+}
+
+/** The result of a finished command. */
+export interface Result {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+function toResult(r: SpawnSyncReturns<string>): Result {
+  if (r.error) throw r.error;
+  return {
+    status: r.status ?? 128 + (r.signal ? 15 : 0),
+    stdout: r.stdout,
+    stderr: r.stderr,
+  };
+}
+
+/**
+ * Run our command line with `args` and wait for it (async, so a server in
+ * the same test process keeps serving).
+ */
+export function nbdkitTs(
+  args: string[],
+  options: { input?: string | Uint8Array; env?: Record<string, string>; timeoutMs?: number } = {},
+): Promise<Result> {
+  const [cmd, ...pre] = ourCommand();
+  return run([cmd, ...pre, ...args], options);
+}
+
+/** Run any command asynchronously and collect its output. */
+export function run(
+  argv: string[],
+  options: {
+    input?: string | Uint8Array;
+    env?: Record<string, string>;
+    timeoutMs?: number;
+    cwd?: string;
+  } = {},
+): Promise<Result> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0], argv.slice(1), {
+      env: { ...CLIENT_ENV, ...options.env },
+      cwd: options.cwd,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8");
+    child.stderr.setEncoding("utf8");
+    child.stdout.on("data", (d: string) => stdout += d);
+    child.stderr.on("data", (d: string) => stderr += d);
+    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeoutMs ?? 120_000);
+    child.on("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    child.on("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ status: code ?? (signal ? 128 + 9 : 1), stdout, stderr });
+    });
+    child.stdin.on("error", () => {});
+    child.stdin.end(options.input ?? "");
+  });
+}
+
+/** Run a shell script synchronously (clients only: never our server in-process). */
+export function sh(script: string, env: Record<string, string> = {}): Result {
+  return toResult(
+    spawnSync("/bin/sh", ["-c", script], {
+      env: { ...CLIENT_ENV, ...env },
+      encoding: "utf8",
+      maxBuffer: 256 * 1024 * 1024,
+    }),
+  );
+}
+
+/** Run a shell script asynchronously. */
+export function shAsync(script: string, env: Record<string, string> = {}): Promise<Result> {
+  return run(["/bin/sh", "-c", script], { env });
+}
+
+/**
+ * Run a captive server: `nbdkit-ts -U - ARGS --run SCRIPT`. The script sees
+ * `$uri`, `$nbd`, `$unixsocket` as nbdkit's captive mode sets them.
+ */
+export function captive(args: string[], script: string, env: Record<string, string> = {}) {
+  return nbdkitTs(["-U", "-", ...args, "--run", script], { env });
+}
+
+/** A scratch folder, removed by the returned function. */
+export function scratch(): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), "nbdkit-ts-test-"));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Throw unless `tool` is on the PATH: a missing client is a failure, not a skip. */
+export function requireTool(tool: string): void {
+  const r = sh(`command -v ${shQuote(tool)}`);
+  if (r.status !== 0) {
+    throw new Error(`Required tool '${tool}' is not installed (see design.md §5, .ci/run)`);
+  }
+}
+
+/** Python code run by Debian's nbdsh; returns the result. */
+export function nbdsh(uri: string, python: string): Result {
+  return toResult(
+    spawnSync("nbdsh", ["-u", uri, "-c", python], {
+      env: CLIENT_ENV,
+      encoding: "utf8",
+    }),
+  );
+}
