@@ -68,6 +68,24 @@ async function acceptLoop(
   }
 }
 
+/** Remove a socket file nobody listens on; refuse one that is in use, as bind would. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(path);
+  } catch {
+    return;
+  }
+  if (!info.isSocket) return; // bind reports "Address already in use" itself
+  try {
+    (await Deno.connect({ transport: "unix", path })).close();
+  } catch {
+    await Deno.remove(path);
+    return;
+  }
+  throw new Error(`${path}: Address already in use`);
+}
+
 function kindOf(info: Deno.FileInfo): FileKind {
   if (info.isFile) return "file";
   if (info.isDirectory) return "directory";
@@ -164,12 +182,7 @@ export const denoRuntime: Runtime = {
   },
 
   async listenUnix(path, onConnection): Promise<Listener> {
-    try {
-      const info = await Deno.lstat(path);
-      if (info.isSocket) await Deno.remove(path);
-    } catch {
-      // no stale socket
-    }
+    await removeStaleSocket(path);
     const listener = Deno.listen({ transport: "unix", path });
     acceptLoop(listener, onConnection, false);
     return { address: { transport: "unix", path }, close: () => listener.close() };
@@ -216,9 +229,19 @@ export const denoRuntime: Runtime = {
       env,
       stdin: "null",
       stdout: "piped",
-      stderr: "inherit",
+      stderr: "piped",
     }).spawn();
+    const relay = child.stderr.getReader();
+    const relaying = (async () => {
+      while (true) {
+        const { value, done } = await relay.read();
+        if (done) return;
+        Deno.stderr.writeSync(value);
+      }
+    })().catch(() => {});
     const line = await readFirstLine(child.stdout);
+    await relay.cancel().catch(() => {});
+    await relaying;
     child.unref();
     return line;
   },

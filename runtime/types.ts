@@ -99,7 +99,10 @@ export interface Runtime {
     port: number,
     onConnection: (conn: Connection) => void,
   ): Promise<Listener>;
-  /** Listen on a Unix socket at `path` (replacing a stale socket file). */
+  /**
+   * Listen on a Unix socket at `path`, replacing a stale socket file; a
+   * socket somebody listens on is refused with "PATH: Address already in use".
+   */
   listenUnix(path: string, onConnection: (conn: Connection) => void): Promise<Listener>;
   /** Connect to a Unix socket. */
   connectUnix(path: string): Promise<Connection>;
@@ -109,9 +112,11 @@ export interface Runtime {
   /** Run `command` with `/bin/sh -c`; resolves to its exit status (128+N when killed by signal N). */
   spawnShell(command: string, options?: SpawnOptions): Promise<number>;
   /**
-   * Start this same program again, detached, with `args`, and resolve once it
-   * has written one line on its stdout (which is returned). Used to go to the
-   * background once listening.
+   * Start this same program again, detached (its own session, stdin from
+   * /dev/null), with `args`, and resolve once it has written one line on its
+   * stdout (which is returned; "" if it exited first). Until then its stderr
+   * is relayed to ours; after that its stdout and stderr lead nowhere, so the
+   * caller can exit and whoever waits on our output is not held up.
    */
   spawnDetachedSelf(args: string[], env: Record<string, string>): Promise<string>;
   /** The argv prefix that starts this program again (runtime binary and script). */

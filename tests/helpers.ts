@@ -7,7 +7,7 @@
  * @module
  */
 import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -172,4 +172,64 @@ export function nbdsh(uri: string, python: string): Result {
       encoding: "utf8",
     }),
   );
+}
+
+/** A server started in the background of a test. */
+export interface TestServer {
+  /** The Unix socket it listens on. */
+  socket: string;
+  /** Its NBD URI. */
+  uri: string;
+  /** Everything it wrote on stderr so far. */
+  stderr(): string;
+  /** Stop it with SIGTERM and wait; resolves to its exit status. */
+  stop(): Promise<number>;
+  /** The process id. */
+  pid: number;
+}
+
+/**
+ * Start our server in the foreground on a fresh Unix socket and wait until
+ * it accepts connections.
+ *
+ * @param args Plugin and parameters (and any options), e.g. `["memory", "size=1M"]`.
+ */
+export async function startTestServer(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<TestServer> {
+  const { dir } = scratch();
+  const socket = join(dir, "nbd.sock");
+  const [cmd, ...pre] = ourCommand();
+  const child = spawn(cmd, [...pre, "-f", "-U", socket, ...args], {
+    env: { ...CLIENT_ENV, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr!.setEncoding("utf8");
+  child.stderr!.on("data", (d: string) => stderr += d);
+  const exited = new Promise<number>((resolve) =>
+    child.on("close", (code, signal) => resolve(code ?? (signal ? 128 + 15 : 1)))
+  );
+  let alive = true;
+  exited.then(() => alive = false);
+  const deadline = Date.now() + 30_000;
+  while (!existsSync(socket)) {
+    if (!alive) throw new Error(`server exited before listening: ${stderr}`);
+    if (Date.now() > deadline) throw new Error(`server did not listen: ${stderr}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    socket,
+    uri: `nbd+unix:///?socket=${socket}`,
+    pid: child.pid!,
+    stderr: () => stderr,
+    async stop() {
+      // process.kill, not child.kill: Deno then reports the exit code, not the signal sent.
+      if (alive) process.kill(child.pid!, "SIGTERM");
+      const status = await exited;
+      rmSync(dir, { recursive: true, force: true });
+      return status;
+    },
+  };
 }

@@ -1,0 +1,182 @@
+/**
+ * Hostile and broken clients: each gets the spec's answer or a closed
+ * connection, a one-line message on stderr, and after each a well-behaved
+ * client still reads back exactly what it wrote.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { nbdsh, requireTool, startTestServer, type TestServer } from "./helpers.ts";
+import { CMD, concat, OPT, RawClient, u16, u32 } from "./raw_client.ts";
+
+const EPERM = 1;
+const ENOMEM = 12;
+const EINVAL = 22;
+const SIZE = 8 * 1024 * 1024;
+
+/** A real client writes random bytes at a fresh offset and reads them back. */
+let round = 0;
+function control(server: TestServer): void {
+  const offset = (round++ % 64) * 65536;
+  const r = nbdsh(
+    server.uri,
+    `import os\ndata = os.urandom(65536)\nh.pwrite(data, ${offset})\nassert h.pread(65536, ${offset}) == data\nprint("ok")`,
+  );
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout.trim(), "ok");
+}
+
+describe("bad input", () => {
+  let server: TestServer;
+  let ro: TestServer;
+
+  before(async () => {
+    requireTool("nbdsh");
+    server = await startTestServer(["memory", `size=${SIZE}`]);
+    ro = await startTestServer(["-r", "memory", `size=${SIZE}`]);
+  });
+
+  after(async () => {
+    assert.equal(await server.stop(), 0);
+    assert.equal(await ro.stop(), 0);
+  });
+
+  test("garbage instead of the client flags closes the connection", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet(0xdeadbeef);
+    assert.equal(await c.closedWithin(5000), true);
+    assert.match(
+      server.stderr(),
+      /nbdkit-ts: memory\[\d+\]: error: client sent unknown handshake flags 0xdeadbeef\n/,
+    );
+    control(server);
+  });
+
+  test("unknown client flags close the connection", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet(0x7);
+    assert.equal(await c.closedWithin(5000), true);
+    control(server);
+  });
+
+  test("an option longer than the limit closes the connection without reading it", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    c.option(OPT.LIST, new Uint8Array(0), 0x7fffffff);
+    assert.equal(await c.closedWithin(5000), true);
+    assert.match(server.stderr(), /too long: 2147483647 bytes/);
+    control(server);
+  });
+
+  test("an unknown option gets NBD_REP_ERR_UNSUP and the client goes on", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    c.option(0x4242, new Uint8Array(10));
+    const r = await c.optionReply();
+    assert.equal(r?.type, 0x80000001);
+    assert.equal(r?.option, 0x4242);
+    c.option(OPT.GO, concat(u32(0), u16(0)));
+    let reply;
+    do reply = await c.optionReply(); while (reply && reply.type === 3);
+    assert.equal(reply?.type, 1); // ACK: transmission begins
+    c.request(CMD.READ, 0n, 512, { cookie: 7n });
+    const read = await c.simpleReply(512);
+    assert.equal(read?.error, 0);
+    assert.equal(read?.cookie, 7n);
+    c.destroy();
+    control(server);
+  });
+
+  test("an export name that is too long is refused", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    const name = new Uint8Array(5000).fill(0x61);
+    c.option(OPT.GO, concat(u32(name.length), name, u16(0)));
+    assert.equal((await c.optionReply())?.type, 0x80000003); // ERR_INVALID
+    c.option(OPT.EXPORT_NAME, name);
+    assert.equal(await c.closedWithin(5000), true);
+    control(server);
+  });
+
+  test("a request with bad magic ends that connection only", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.go();
+    c.request(CMD.READ, 0n, 512, { magic: 0x12345678 });
+    assert.equal(await c.closedWithin(5000), true);
+    assert.match(server.stderr(), /error: invalid request: bad magic 0x12345678\n/);
+    control(server);
+  });
+
+  test("READ and WRITE past the end get EINVAL and the connection stays", async () => {
+    const c = await RawClient.connect(server.socket);
+    const { size } = await c.go();
+    assert.equal(size, BigInt(SIZE));
+    c.request(CMD.READ, BigInt(SIZE - 256), 512, { cookie: 1n });
+    assert.equal((await c.simpleReply())?.error, EINVAL);
+    c.request(CMD.WRITE, BigInt(SIZE), 4, { cookie: 2n, payload: new Uint8Array(4) });
+    assert.equal((await c.simpleReply())?.error, EINVAL);
+    c.request(CMD.READ, 0xffffffffffff0000n, 512, { cookie: 3n });
+    assert.equal((await c.simpleReply())?.error, EINVAL);
+    c.request(CMD.READ, 0n, 512, { cookie: 4n });
+    const ok = await c.simpleReply(512);
+    assert.equal(ok?.error, 0);
+    assert.equal(ok?.cookie, 4n);
+    assert.match(
+      server.stderr(),
+      /error: invalid request: NBD_CMD_READ: offset 8388352 \+ count 512 > size 8388608/,
+    );
+    c.destroy();
+    control(server);
+  });
+
+  test("a request over the maximum size is refused, its payload skipped", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.go();
+    c.request(CMD.READ, 0n, 0xffffffff, { cookie: 1n });
+    assert.equal((await c.simpleReply())?.error, ENOMEM);
+    const big = 65 * 1024 * 1024;
+    c.request(CMD.WRITE, 0n, big, { cookie: 2n, payload: new Uint8Array(big).fill(0x55) });
+    assert.equal((await c.simpleReply())?.error, ENOMEM);
+    c.request(CMD.READ, 0n, 16, { cookie: 3n });
+    const ok = await c.simpleReply(16);
+    assert.equal(ok?.error, 0);
+    assert.notDeepEqual([...ok!.data], new Array(16).fill(0x55)); // the refused payload was not written
+    c.destroy();
+    control(server);
+  });
+
+  test("a WRITE on a read-only export gets EPERM", async () => {
+    const c = await RawClient.connect(ro.socket);
+    const { flags } = await c.go();
+    assert.ok(flags & 2, "read-only flag advertised");
+    c.request(CMD.WRITE, 0n, 4, { cookie: 9n, payload: new Uint8Array(4) });
+    const r = await c.simpleReply();
+    assert.equal(r?.error, EPERM);
+    assert.equal(r?.cookie, 9n);
+    c.request(CMD.ZERO, 0n, 4, { cookie: 10n });
+    assert.equal((await c.simpleReply())?.error, EPERM);
+    c.destroy();
+    const read = nbdsh(ro.uri, "print(h.pread(4, 0) == bytes(4))");
+    assert.equal(read.stdout.trim(), "True");
+  });
+
+  test("a client that disconnects in the middle of a WRITE payload changes nothing", async () => {
+    const before = nbdsh(server.uri, "print(h.pread(16, 4*1024*1024).hex())").stdout.trim();
+    const c = await RawClient.connect(server.socket);
+    await c.go();
+    c.request(CMD.WRITE, 4n * 1024n * 1024n, 1024 * 1024, {
+      payload: new Uint8Array(1000).fill(0xee),
+    });
+    await new Promise((r) => setTimeout(r, 200));
+    c.destroy();
+    await new Promise((r) => setTimeout(r, 200));
+    const now = nbdsh(server.uri, "print(h.pread(16, 4*1024*1024).hex())").stdout.trim();
+    assert.equal(now, before);
+    control(server);
+  });
+
+  test("every error line is one line with the plugin's prefix", () => {
+    for (const line of server.stderr().split("\n").filter((l) => l !== "")) {
+      assert.match(line, /^nbdkit-ts: memory\[\d+\]: error: \S/);
+    }
+  });
+});

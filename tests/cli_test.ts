@@ -1,0 +1,179 @@
+/**
+ * The command line, as a person coming from nbdkit would use it.
+ */
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync } from "./helpers.ts";
+
+/** Exit status 1 and exactly one line on stderr that contains `pattern`. */
+async function failsWith(args: string[], pattern: RegExp): Promise<void> {
+  const r = await nbdkitTs(args);
+  assert.equal(r.status, 1, `${args.join(" ")}: ${r.stderr}`);
+  assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
+  assert.match(r.stderr, pattern);
+}
+
+describe("command line", () => {
+  test("errors: unknown option, plugin, key; missing key; bad size", async () => {
+    await failsWith(["--bogus", "memory", "1M"], /^nbdkit-ts: unrecognized option '--bogus'$/m);
+    await failsWith(["-Z", "memory"], /invalid option -- 'Z'/);
+    await failsWith(["nope"], /cannot open plugin 'nope'/);
+    await failsWith(["./nope.ts"], /cannot open plugin '\.\/nope\.ts'.*No such file/);
+    await failsWith(["memory"], /you must specify size=<SIZE>/);
+    await failsWith(["memory", "size=1M", "foo=bar"], /unknown parameter 'foo'/);
+    await failsWith(["memory", "size=1Q"], /could not parse size: unknown suffix 'Q'/);
+    await failsWith(["-p", "http", "null"], /-p: 'http' is not a number/);
+    await failsWith(["--filter=cow", "null"], /filters are not supported/);
+    await failsWith([], /no plugin given/);
+  });
+
+  test("--help, -V, --dump-config, PLUGIN --help, PLUGIN --dump-plugin", async () => {
+    const help = await nbdkitTs(["--help"]);
+    assert.equal(help.status, 0);
+    assert.match(help.stdout, /--run 'COMMAND'/);
+    const version = await nbdkitTs(["-V"]);
+    assert.match(version.stdout, /^nbdkit-ts \d+\.\d+\.\d+ \((deno|bun|node) /);
+    const config = await nbdkitTs(["--dump-config"]);
+    assert.match(config.stdout, /^plugins=.*memory/m);
+    const phelp = await nbdkitTs(["memory", "--help"]);
+    assert.match(phelp.stdout, /size=<SIZE>/);
+    const dump = await nbdkitTs(["memory", "--dump-plugin"]);
+    assert.match(dump.stdout, /^name=memory$/m);
+    assert.match(dump.stdout, /^has_pwrite=1$/m);
+    assert.match(dump.stdout, /^thread_model=parallel$/m);
+  });
+
+  test("nbdkit's size suffixes", async () => {
+    for (
+      const [size, bytes] of [["4k", 4096], ["2s", 1024], ["1M", 1048576], ["1G", 1073741824], [
+        "1T",
+        1099511627776,
+      ]]
+    ) {
+      const r = await captive(["memory", `size=${size}`], 'nbdinfo --size "$uri"');
+      assert.equal(r.stdout.trim(), String(bytes), `${size}: ${r.stderr}`);
+    }
+  });
+
+  test("without -f it goes to the background once listening; -P writes the pid; SIGTERM cleans up", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const sock = join(dir, "sock");
+      const pidfile = join(dir, "pid");
+      const r = await nbdkitTs(["-U", sock, "-P", pidfile, "memory", "size=1M"]);
+      assert.equal(r.status, 0, r.stderr);
+      // Listening already when the command returned.
+      assert.ok(existsSync(sock));
+      const pid = Number(readFileSync(pidfile, "utf8").trim());
+      assert.ok(pid > 0);
+      const info = sh(`nbdinfo --size 'nbd+unix:///?socket=${sock}'`);
+      assert.equal(info.stdout.trim(), "1048576");
+      process.kill(pid, "SIGTERM");
+      for (let i = 0; i < 100 && existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+      assert.equal(existsSync(sock), false, "socket removed");
+      assert.equal(existsSync(pidfile), false, "pidfile removed");
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("--print-uri, -p and -i: TCP on loopback", async () => {
+    const run = await nbdkitTs([
+      "-i",
+      "127.0.0.1",
+      "-p",
+      "0",
+      "null",
+      "size=512",
+      "--run",
+      'nbdinfo --size "$uri"; echo "$uri"',
+    ]);
+    assert.equal(run.status, 0, run.stderr);
+    const [size, uri] = run.stdout.trim().split("\n");
+    assert.equal(size, "512");
+    assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+$/);
+    const printed = await nbdkitTs(["-U", "-", "--print-uri", "null", "size=512", "--run", "true"]);
+    assert.match(printed.stdout, /^nbd\+unix:\/\/\/\?socket=\S+\/socket$/m);
+  });
+
+  test("--exit-with-parent: the server exits when its parent does", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const sock = join(dir, "sock");
+      // The shell is the parent; it exits after 1 s, leaving the server orphaned.
+      const r = await shAsync(
+        `(${ourShell()} --exit-with-parent -U ${sock} null size=512 & sleep 1) ; echo done`,
+      );
+      assert.equal(r.stdout.trim(), "done");
+      let gone = false;
+      for (let i = 0; i < 100 && !gone; i++) {
+        gone = !existsSync(sock);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.ok(gone, "server exited and removed its socket");
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("--no-mc, --no-sr, --mask-handshake, -t as nbdinfo sees them", async () => {
+    const nomc = await captive(["--no-mc", "null", "size=512"], 'nbdinfo --json "$uri"');
+    assert.equal(nomc.status, 0, nomc.stderr);
+    assert.deepEqual(JSON.parse(nomc.stdout).exports[0].contexts ?? [], []);
+    const mc = await captive(["null", "size=512"], 'nbdinfo --json "$uri"');
+    assert.deepEqual(JSON.parse(mc.stdout).exports[0].contexts, ["base:allocation"]);
+    const nosr = await captive(["--no-sr", "null", "size=512"], 'nbdinfo --json "$uri"');
+    assert.equal(JSON.parse(nosr.stdout).structured, false);
+    const mask = await captive(["--mask-handshake=0", "null", "size=512"], 'nbdinfo --json "$uri"');
+    assert.equal(JSON.parse(mask.stdout).protocol, "newstyle");
+    const t1 = await captive(
+      ["-t", "1", "memory", "size=4M"],
+      'nbdcopy --requests=16 /dev/urandom "$uri" 2>/dev/null; nbdinfo --size "$uri"',
+    );
+    assert.equal(t1.stdout.trim().split("\n").pop(), "4194304");
+  });
+
+  test("-v prints debug lines; --log=null prints nothing", async () => {
+    const v = await captive(["-v", "null", "size=512"], 'nbdinfo --size "$uri" >/dev/null');
+    assert.match(v.stderr, /debug: newstyle negotiation: NBD_OPT_GO/);
+    const quiet = await captive(
+      ["--log=null", "memory", "size=512"],
+      `nbdsh -u "$uri" -c '
+h.set_strict_mode(0)
+try:
+    h.pread(512, 4096)
+except nbd.Error:
+    pass'`,
+    );
+    assert.equal(quiet.status, 0);
+    assert.equal(quiet.stderr, "");
+  });
+
+  test("a plugin from a .ts path", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const file = join(dir, "pattern.ts");
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+export default definePlugin({
+  name: "pattern",
+  open: () => null,
+  getSize: () => 4096,
+  pread: (_h, buf, offset) => { for (let i = 0; i < buf.length; i++) buf[i] = (offset + i) & 0xff; },
+});
+`,
+      );
+      const r = await captive(
+        [file],
+        `nbdsh -u "$uri" -c 'print(list(h.pread(4, 254)), h.is_read_only())'`,
+      );
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout.trim(), "[254, 255, 0, 1] True");
+    } finally {
+      cleanup();
+    }
+  });
+});
