@@ -45,7 +45,9 @@ describe("bad input", () => {
     await c.greet(0xdeadbeef);
     assert.equal(await c.closedWithin(5000), true);
     assert.match(
-      server.stderr(),
+      await server.waitForStderr(
+        /nbdkit-ts: memory\[\d+\]: error: client sent unknown handshake flags 0xdeadbeef\n/,
+      ),
       /nbdkit-ts: memory\[\d+\]: error: client sent unknown handshake flags 0xdeadbeef\n/,
     );
     control(server);
@@ -63,7 +65,10 @@ describe("bad input", () => {
     await c.greet();
     c.option(OPT.LIST, new Uint8Array(0), 0x7fffffff);
     assert.equal(await c.closedWithin(5000), true);
-    assert.match(server.stderr(), /too long: 2147483647 bytes/);
+    assert.match(
+      await server.waitForStderr(/too long: 2147483647 bytes/),
+      /too long: 2147483647 bytes/,
+    );
     control(server);
   });
 
@@ -102,7 +107,10 @@ describe("bad input", () => {
     await c.go();
     c.request(CMD.READ, 0n, 512, { magic: 0x12345678 });
     assert.equal(await c.closedWithin(5000), true);
-    assert.match(server.stderr(), /error: invalid request: bad magic 0x12345678\n/);
+    assert.match(
+      await server.waitForStderr(/error: invalid request: bad magic 0x12345678\n/),
+      /error: invalid request: bad magic 0x12345678\n/,
+    );
     control(server);
   });
 
@@ -121,7 +129,9 @@ describe("bad input", () => {
     assert.equal(ok?.error, 0);
     assert.equal(ok?.cookie, 4n);
     assert.match(
-      server.stderr(),
+      await server.waitForStderr(
+        /error: invalid request: NBD_CMD_READ: offset 8388352 \+ count 512 > size 8388608/,
+      ),
       /error: invalid request: NBD_CMD_READ: offset 8388352 \+ count 512 > size 8388608/,
     );
     c.destroy();

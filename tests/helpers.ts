@@ -182,6 +182,8 @@ export interface TestServer {
   uri: string;
   /** Everything it wrote on stderr so far. */
   stderr(): string;
+  /** Wait (up to 10 s) until stderr matches `pattern`; the text is returned for assertions. */
+  waitForStderr(pattern: RegExp): Promise<string>;
   /** Stop it with SIGTERM and wait; resolves to its exit status. */
   stop(): Promise<number>;
   /** The process id. */
@@ -224,6 +226,13 @@ export async function startTestServer(
     uri: `nbd+unix:///?socket=${socket}`,
     pid: child.pid!,
     stderr: () => stderr,
+    async waitForStderr(pattern: RegExp) {
+      // The server logs after it closes the connection: the client may see the close first.
+      for (let i = 0; i < 200 && !pattern.test(stderr); i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      return stderr;
+    },
     async stop() {
       // process.kill, not child.kill: Deno then reports the exit code, not the signal sent.
       if (alive) process.kill(child.pid!, "SIGTERM");

@@ -1,0 +1,173 @@
+/**
+ * Unit tests of the pure parts: sizes, the command line parser, the byte
+ * reader, and the protocol phases over in-memory streams (no sockets).
+ */
+import { describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { parseSize } from "../plugins/size.ts";
+import { parseCli, UsageError } from "../server/cli_args.ts";
+import { ByteReader, EndOfStream } from "../protocol/byte_reader.ts";
+import { handshake } from "../protocol/handshake.ts";
+import { transmission } from "../protocol/transmission.ts";
+import { pluginProvider } from "../server/backend.ts";
+import { definePlugin } from "../plugins/plugin.ts";
+import { NbdError } from "../plugins/errors.ts";
+import { concat, u16, u32, u64 } from "./raw_client.ts";
+
+describe("parseSize", () => {
+  test("accepts nbdkit's forms", () => {
+    assert.equal(parseSize("0"), 0n);
+    assert.equal(parseSize("512"), 512n);
+    assert.equal(parseSize("1b"), 1n);
+    assert.equal(parseSize("2s"), 1024n);
+    assert.equal(parseSize("4k"), 4096n);
+    assert.equal(parseSize("4K"), 4096n);
+    assert.equal(parseSize("1M"), 1048576n);
+    assert.equal(parseSize("1G"), 1073741824n);
+    assert.equal(parseSize("1e"), 1n << 60n);
+    assert.equal(parseSize(" 5"), 5n);
+  });
+  test("refuses what nbdkit refuses, with its words", () => {
+    assert.throws(() => parseSize("1KB"), /unknown suffix 'KB'/);
+    assert.throws(() => parseSize("1.5G"), /unknown suffix '.5G'/);
+    assert.throws(() => parseSize("-1"), /cannot be negative/);
+    assert.throws(() => parseSize("8E"), /overflow/);
+    assert.throws(() => parseSize("x"), /could not parse size/);
+  });
+});
+
+describe("parseCli", () => {
+  test("options anywhere, bundled short flags, magic values", () => {
+    const a = parseCli(["-fr", "-U", "-", "memory", "1G", "--run", "cmd", "-t8", "x=y=z"]);
+    assert.equal(a.foreground, true);
+    assert.equal(a.readonly, true);
+    assert.equal(a.unixSocket, "-");
+    assert.equal(a.plugin, "memory");
+    assert.equal(a.threads, 8);
+    assert.equal(a.run, "cmd");
+    assert.deepEqual(a.params, [{ key: null, value: "1G" }, { key: "x", value: "y=z" }]);
+  });
+  test("a path with '=' before a slash is a bare value", () => {
+    const a = parseCli(["file", "/tmp/a=b/disk.img"]);
+    assert.deepEqual(a.params, [{ key: null, value: "/tmp/a=b/disk.img" }]);
+  });
+  test("errors", () => {
+    assert.throws(() => parseCli(["--nope"]), UsageError);
+    assert.throws(() => parseCli(["-p"]), /requires an argument/);
+    assert.throws(() => parseCli(["--tls=maybe"]), /off, on or require/);
+    assert.throws(() => parseCli(["-t", "0"]), /out of range/);
+  });
+});
+
+describe("ByteReader", () => {
+  test("reads across chunks, skips, and reports a short stream", async () => {
+    const r = new ByteReader(
+      ReadableStream.from([new Uint8Array([1, 2, 3]), new Uint8Array([4]), new Uint8Array([5, 6])]),
+    );
+    assert.deepEqual([...await r.read(2)], [1, 2]);
+    assert.deepEqual([...await r.read(3)], [3, 4, 5]);
+    await assert.rejects(r.read(2), (e) => e instanceof EndOfStream && e.partial);
+  });
+});
+
+/** A client and a server joined by in-memory streams. */
+function pipePair() {
+  const toServer = new TransformStream<Uint8Array, Uint8Array>();
+  const toClient = new TransformStream<Uint8Array, Uint8Array>();
+  return {
+    server: { reader: new ByteReader(toServer.readable), writer: toClient.writable.getWriter() },
+    client: { reader: new ByteReader(toClient.readable), writer: toServer.writable.getWriter() },
+  };
+}
+
+const IHAVEOPT = 0x49484156454f5054n;
+
+describe("protocol over in-memory streams", () => {
+  test("GO with structured replies, then replies out of order", async () => {
+    const disk = new Uint8Array(1 << 20);
+    const plugin = definePlugin({
+      name: "slowfirst",
+      open: () => disk,
+      getSize: (d) => d.length,
+      async pread(d, buf, offset) {
+        // The request at offset 0 is slow: its reply must come after a later one.
+        if (offset === 0) await new Promise((r) => setTimeout(r, 50));
+        buf.set(d.subarray(offset, offset + buf.length));
+      },
+      pwrite(d, buf, offset) {
+        if (offset === 4096) throw new NbdError("ENOSPC", "no room at 4096");
+        d.set(buf, offset);
+      },
+    });
+    const { server, client } = pipePair();
+    const errors: string[] = [];
+    const serving = (async () => {
+      const n = await handshake(
+        server.reader,
+        server.writer,
+        pluginProvider(plugin, { readonly: false, exportName: "" }, 1),
+        { structuredReplies: true, metaContexts: true, handshakeFlags: 3, debug: () => {} },
+      );
+      assert.ok(n);
+      assert.equal(n.structured, true);
+      await transmission(n.reader, n.writer, n.session, {
+        structured: true,
+        baseAllocation: false,
+        maxInFlight: 16,
+        error: (m) => errors.push(m),
+        debug: () => {},
+        shuttingDown: () => false,
+      });
+      await n.session.close();
+    })();
+
+    const greeting = await client.reader.read(18);
+    assert.equal(new DataView(greeting.buffer, greeting.byteOffset).getUint16(16), 3);
+    await client.writer.write(u32(3));
+    await client.writer.write(concat(u64(IHAVEOPT), u32(8), u32(0)));
+    const sr = await client.reader.read(20);
+    assert.equal(new DataView(sr.buffer, sr.byteOffset).getUint32(12), 1); // ACK
+    await client.writer.write(concat(u64(IHAVEOPT), u32(7), u32(6), u32(0), u16(0)));
+    for (;;) {
+      const h = await client.reader.read(20);
+      const v = new DataView(h.buffer, h.byteOffset);
+      const len = v.getUint32(16);
+      if (len) await client.reader.read(len);
+      if (v.getUint32(12) === 1) break;
+    }
+    const req = (type: number, cookie: number, offset: number, count: number, data?: Uint8Array) =>
+      concat(
+        u32(0x25609513),
+        u16(0),
+        u16(type),
+        u64(BigInt(cookie)),
+        u64(BigInt(offset)),
+        u32(count),
+        data ?? new Uint8Array(0),
+      );
+    await client.writer.write(req(1, 1, 8192, 4, new Uint8Array([9, 8, 7, 6])));
+    const w = await client.reader.read(16);
+    assert.equal(new DataView(w.buffer, w.byteOffset).getUint32(4), 0);
+    // Two reads in flight: the slow one first.
+    await client.writer.write(concat(req(0, 10, 0, 4), req(0, 11, 8192, 4)));
+    const cookies: number[] = [];
+    for (let i = 0; i < 2; i++) {
+      const h = await client.reader.read(20);
+      const v = new DataView(h.buffer, h.byteOffset);
+      assert.equal(v.getUint32(0), 0x668e33ef);
+      assert.equal(v.getUint16(6), 1); // OFFSET_DATA
+      const cookie = Number(v.getBigUint64(8));
+      cookies.push(cookie);
+      const body = await client.reader.read(v.getUint32(16));
+      if (cookie === 11) assert.deepEqual([...body.subarray(8)], [9, 8, 7, 6]);
+    }
+    assert.deepEqual(cookies, [11, 10]);
+    // A plugin error reaches the client as its errno, simple reply for writes.
+    await client.writer.write(req(1, 12, 4096, 1, new Uint8Array([1])));
+    const e = await client.reader.read(16);
+    assert.equal(new DataView(e.buffer, e.byteOffset).getUint32(4), 28); // ENOSPC
+    await client.writer.write(req(2, 13, 0, 0)); // DISC
+    await serving;
+    assert.deepEqual(errors, ["NBD_CMD_WRITE: no room at 4096"]);
+  });
+});
