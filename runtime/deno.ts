@@ -28,9 +28,45 @@ function writeAllSync(w: { writeSync(p: Uint8Array): number }, text: string): vo
   }
 }
 
+/** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
+const READ_CHUNK = 64 * 1024;
+
+/**
+ * The connection's bytes as a stream. Not `conn.readable`, which closes the
+ * whole connection at end of input: a client that half-closes after its last
+ * request must still get the replies.
+ */
+function readableOf(conn: Deno.Conn): ReadableStream<Uint8Array> {
+  return new ReadableStream({
+    type: "bytes",
+    autoAllocateChunkSize: READ_CHUNK,
+    async pull(controller) {
+      const request = controller.byobRequest!;
+      const view = request.view!;
+      let n: number | null;
+      try {
+        n = await conn.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
+      } catch (err) {
+        try {
+          controller.error(err);
+        } catch { /* cancelled meanwhile */ }
+        return;
+      }
+      try {
+        if (n === null) {
+          controller.close();
+          request.respond(0);
+        } else {
+          request.respond(n);
+        }
+      } catch { /* cancelled meanwhile */ }
+    },
+  });
+}
+
 function wrapConn(conn: Deno.Conn): Connection {
   return {
-    readable: conn.readable,
+    readable: readableOf(conn),
     writable: conn.writable,
     close() {
       try {

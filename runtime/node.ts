@@ -1,0 +1,691 @@
+/**
+ * The Node adapter. It uses only `node:` modules, so Bun runs it too; the Bun
+ * adapter (`bun.ts`) starts from it and replaces the sockets.
+ *
+ * @module
+ */
+import * as net from "node:net";
+import * as fs from "node:fs";
+import * as fsp from "node:fs/promises";
+import { spawn } from "node:child_process";
+import type { Readable, Writable } from "node:stream";
+import * as os from "node:os";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import process from "node:process";
+import type {
+  Connection,
+  FileInfo,
+  FileKind,
+  Listener,
+  RandomAccessFile,
+  Runtime,
+  SignalName,
+  SpawnOptions,
+} from "./types.ts";
+
+const encoder = new TextEncoder();
+
+/**
+ * Bytes a connection's readable side queues before the socket is paused:
+ * room for many pipelined requests with their payloads, yet a bound on what a
+ * client that sends faster than we serve can make us hold.
+ */
+export const READ_HIGH_WATER_MARK: number = 4 << 20;
+
+/** Chunk size of reads from regular files and devices opened as streams. */
+const FILE_CHUNK = 256 << 10;
+
+function errnoCode(err: unknown): string | undefined {
+  return (err as { code?: unknown })?.code as string | undefined;
+}
+
+/**
+ * Make `chunk` safe to enqueue in a byte stream. Enqueueing transfers the
+ * chunk's whole ArrayBuffer; when the chunk is a view into a pool shared with
+ * other buffers (Node's small-buffer pool, fs read streams), transferring it
+ * would detach memory that others still use, so such chunks are copied.
+ *
+ * @param chunk A chunk received from a Node stream or socket.
+ * @returns The chunk itself, or a copy that owns its buffer.
+ */
+export function ownedChunk(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
+  const whole = chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength;
+  return whole && chunk.buffer instanceof ArrayBuffer
+    ? chunk as Uint8Array<ArrayBuffer>
+    : new Uint8Array(chunk);
+}
+
+/**
+ * Turn a Node `Readable` that emits bytes into a web byte stream (so BYOB
+ * readers work). Backpressure pauses the source once
+ * {@linkcode READ_HIGH_WATER_MARK} bytes are queued, and resumes it when the
+ * consumer pulls. An `error` event errors the stream; `end` or `close` ends it.
+ *
+ * @param src The source; an `error` listener is attached so that a peer's
+ *   reset never becomes an uncaught exception.
+ * @param onCancel Called when the consumer cancels the stream.
+ * @returns The readable side.
+ */
+export function readableFromNode(
+  src: Readable,
+  onCancel: () => void,
+): ReadableStream<Uint8Array> {
+  let done = false;
+  let paused = false;
+  return new ReadableStream({
+    type: "bytes",
+    start(controller) {
+      const finish = (err?: Error) => {
+        if (done) return;
+        done = true;
+        if (err) {
+          controller.error(err);
+        } else {
+          controller.close();
+          // A BYOB read waiting for bytes must be told there are none.
+          controller.byobRequest?.respond(0);
+        }
+      };
+      src.on("data", (chunk: Uint8Array) => {
+        if (done || chunk.byteLength === 0) return;
+        controller.enqueue(ownedChunk(chunk));
+        if (!paused && (controller.desiredSize ?? 0) <= 0) {
+          paused = true;
+          src.pause();
+        }
+      });
+      src.on("end", () => finish());
+      src.on("close", () => finish());
+      src.on("error", (err: Error) => finish(err));
+    },
+    pull() {
+      if (paused) {
+        paused = false;
+        src.resume();
+      }
+    },
+    cancel() {
+      done = true;
+      onCancel();
+    },
+  }, { highWaterMark: READ_HIGH_WATER_MARK });
+}
+
+/**
+ * Turn a Node `Writable` into a web writable stream. A write resolves as soon
+ * as `dst.write()` accepts the chunk, or on `drain` when it answers that its
+ * buffer is full. Writes made in the same tick are corked and go out together
+ * in one `writev(2)` on the next tick: replies to pipelined requests cost one
+ * system call, not one each (this triples small-request throughput).
+ *
+ * Node keeps a reference to each chunk until it is sent: a chunk must not be
+ * modified once written.
+ *
+ * @param dst The destination. An `error` listener is attached: errors error
+ *   the web stream instead of becoming uncaught exceptions.
+ * @param onClose Called by the web stream's `close()`; by default `end()`
+ *   (for a socket opened with allowHalfOpen: a FIN that leaves reading open).
+ * @returns The writable side.
+ */
+export function writableFromNode(
+  dst: Writable,
+  onClose: () => Promise<void> = () => endWritable(dst),
+): WritableStream<Uint8Array> {
+  let corked = false;
+  let failure: Error | null = null;
+  let wake: ((err?: Error) => void) | null = null;
+  let controller!: WritableStreamDefaultController;
+  const uncork = () => {
+    corked = false;
+    dst.uncork();
+  };
+  const fail = (err: Error) => {
+    failure ??= err;
+    wake?.(failure);
+    controller.error(failure);
+  };
+  dst.on("error", fail);
+  dst.on("close", () => fail(new Error("Connection closed")));
+  dst.on("drain", () => wake?.());
+  return new WritableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+    write(chunk) {
+      if (failure) throw failure;
+      if (chunk.byteLength === 0) return;
+      if (!corked) {
+        corked = true;
+        dst.cork();
+        process.nextTick(uncork);
+      }
+      if (dst.write(chunk)) return;
+      return new Promise<void>((resolve, reject) => {
+        wake = (err) => {
+          wake = null;
+          if (err) reject(err);
+          else resolve();
+        };
+      });
+    },
+    close: onClose,
+    abort() {
+      dst.destroy();
+    },
+  });
+}
+
+/** `end()` a Node writable and wait until everything written has been sent. */
+function endWritable(dst: Writable): Promise<void> {
+  return new Promise((resolve, reject) => {
+    dst.end((err?: Error | null) => err ? reject(err) : resolve());
+  });
+}
+
+/**
+ * Destroy a Node stream after handing the kernel whatever it takes at once of
+ * the chunks that writes have already resolved for (corked or queued).
+ */
+function destroyNow(dst: Writable): void {
+  while (dst.writableCorked > 0) dst.uncork();
+  dst.destroy();
+}
+
+function socketConnection(sock: net.Socket): Connection {
+  return {
+    // Cancelling only the reading half must leave the writing half usable.
+    readable: readableFromNode(sock, () => sock.pause()),
+    writable: writableFromNode(sock),
+    close: () => destroyNow(sock),
+  };
+}
+
+function listenOn(
+  server: net.Server,
+  listen: (done: () => void) => void,
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    listen(() => {
+      server.off("error", reject);
+      // Accept errors (EMFILE …) are emitted on the server; without a listener
+      // they would kill the process. The server goes on listening.
+      server.on("error", () => {});
+      resolve();
+    });
+  });
+}
+
+/**
+ * Remove `path` if it is a socket: a server that died left it behind, and
+ * binding would fail with EADDRINUSE. Anything else at `path` is left alone
+ * (binding then fails, as it should).
+ *
+ * @param path The Unix socket path about to be bound.
+ */
+export async function removeStaleSocket(path: string): Promise<void> {
+  try {
+    if ((await fsp.lstat(path)).isSocket()) await fsp.unlink(path);
+  } catch {
+    // nothing there
+  }
+}
+
+function kindOf(st: fs.Stats): FileKind {
+  if (st.isFile()) return "file";
+  if (st.isDirectory()) return "directory";
+  if (st.isFIFO()) return "fifo";
+  if (st.isSocket()) return "socket";
+  if (st.isCharacterDevice()) return "char";
+  if (st.isBlockDevice()) return "block";
+  return "other";
+}
+
+/** Promise wrappers over the fd-based callback API (no FileHandle objects). */
+function openFd(path: string, flags: number, mode = 0o666): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.open(path, flags, mode, (err, fd) => err ? reject(err) : resolve(fd));
+  });
+}
+
+function fstatFd(fd: number): Promise<fs.Stats> {
+  return new Promise((resolve, reject) => {
+    fs.fstat(fd, (err, st) => err ? reject(err) : resolve(st));
+  });
+}
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve) => fs.close(fd, () => resolve()));
+}
+
+function readFd(fd: number, buf: Uint8Array): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, 0, buf.byteLength, null, (err, n) => err ? reject(err) : resolve(n));
+  });
+}
+
+function writeFd(fd: number, buf: Uint8Array): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, 0, buf.byteLength, null, (err, n) => err ? reject(err) : resolve(n));
+  });
+}
+
+/**
+ * A byte stream reading sequentially from `fd` with `read(2)` in the thread
+ * pool; suitable for any kind of file. The fd is closed at the end.
+ *
+ * @param fd An fd open for reading, owned by the stream from now on.
+ * @returns The readable stream.
+ */
+export function fdReadable(fd: number): ReadableStream<Uint8Array> {
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await closeFd(fd);
+  };
+  return new ReadableStream({
+    type: "bytes",
+    autoAllocateChunkSize: FILE_CHUNK,
+    async pull(controller) {
+      const request = controller.byobRequest!;
+      const view = request.view!;
+      let n: number;
+      try {
+        n = await readFd(fd, new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
+      } catch (err) {
+        await close();
+        throw err;
+      }
+      if (n === 0) {
+        await close();
+        controller.close();
+        request.respond(0);
+      } else {
+        request.respond(n);
+      }
+    },
+    cancel: close,
+  });
+}
+
+/**
+ * A writable stream writing sequentially to `fd` with `write(2)` in the thread
+ * pool; suitable for any kind of file. The fd is closed when the stream is
+ * closed or aborted.
+ *
+ * @param fd An fd open for writing, owned by the stream from now on.
+ * @returns The writable stream.
+ */
+export function fdWritable(fd: number): WritableStream<Uint8Array> {
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await closeFd(fd);
+  };
+  return new WritableStream<Uint8Array>({
+    async write(chunk) {
+      let done = 0;
+      while (done < chunk.byteLength) done += await writeFd(fd, chunk.subarray(done));
+    },
+    close,
+    abort: close,
+  });
+}
+
+/**
+ * Streams over a FIFO are served by the event loop (a libuv pipe handle, like
+ * Node's own stdin) rather than the thread pool, where a read waiting for a
+ * slow writer would hold one of its few threads. Other kinds use the pool.
+ */
+function pipeReadable(fd: number): ReadableStream<Uint8Array> {
+  const sock = new net.Socket({ fd, readable: true, writable: false });
+  return readableFromNode(sock, () => sock.destroy());
+}
+
+function pipeWritable(fd: number): WritableStream<Uint8Array> {
+  const sock = new net.Socket({ fd, readable: false, writable: true });
+  return writableFromNode(sock, async () => {
+    await endWritable(sock);
+    sock.destroy();
+  });
+}
+
+/**
+ * Open `path` (in the thread pool: opening a FIFO waits for its other end)
+ * and stream it. Shared with the Bun adapter, which passes stream makers that
+ * avoid `net.Socket` on pipes.
+ *
+ * @param path The file, FIFO or device.
+ * @param flags `open(2)` flags.
+ * @param forPipe Makes the stream when the fd turns out to be a FIFO.
+ * @param forOther Makes the stream otherwise.
+ * @returns The stream.
+ */
+export async function openStream<S>(
+  path: string,
+  flags: number,
+  forPipe: (fd: number) => S,
+  forOther: (fd: number) => S,
+): Promise<S> {
+  const fd = await openFd(path, flags);
+  try {
+    return (await fstatFd(fd)).isFIFO() ? forPipe(fd) : forOther(fd);
+  } catch (err) {
+    await closeFd(fd);
+    throw err;
+  }
+}
+
+/**
+ * The `open(2)` flags of {@linkcode Runtime.openWriteStream}: a regular file
+ * is truncated, a missing one created, a FIFO or device opened as it is.
+ *
+ * @param path The path about to be opened for writing.
+ * @returns The flags.
+ */
+export async function writeStreamFlags(path: string): Promise<number> {
+  const { O_WRONLY, O_TRUNC, O_CREAT } = fs.constants;
+  const info = await nodeRuntime.stat(path);
+  if (info === null) return O_WRONLY | O_CREAT;
+  return info.kind === "file" ? O_WRONLY | O_TRUNC : O_WRONLY;
+}
+
+/**
+ * A file for random access, on a raw fd rather than a FileHandle: a
+ * FileHandle that is garbage-collected unclosed is a fatal error on Bun, and
+ * a plugin's error path must not be able to take the server down that way.
+ */
+class NodeFile implements RandomAccessFile {
+  #fd: number;
+
+  constructor(fd: number) {
+    this.#fd = fd;
+  }
+
+  // A read or write with a position is pread/pwrite: no shared file offset,
+  // so concurrent requests need no lock.
+  async pread(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.byteLength) {
+      const n = await new Promise<number>((resolve, reject) => {
+        fs.read(this.#fd, buf, done, buf.byteLength - done, offset + done, (err, n) => {
+          if (err) reject(err);
+          else resolve(n);
+        });
+      });
+      if (n === 0) {
+        buf.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.byteLength) {
+      done += await new Promise<number>((resolve, reject) => {
+        fs.write(this.#fd, buf, done, buf.byteLength - done, offset + done, (err, n) => {
+          if (err) reject(err);
+          else resolve(n);
+        });
+      });
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await fstatFd(this.#fd)).size;
+  }
+
+  sync(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      fs.fdatasync(this.#fd, (err) => err ? reject(err) : resolve());
+    });
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      fs.close(this.#fd, (err) => err ? reject(err) : resolve());
+    });
+  }
+}
+
+let sleepCell: Int32Array | undefined;
+
+/** Block the thread for `ms` milliseconds (only used to wait out EAGAIN). */
+function sleepSync(ms: number): void {
+  try {
+    sleepCell ??= new Int32Array(new SharedArrayBuffer(4));
+    Atomics.wait(sleepCell, 0, 0, ms);
+  } catch {
+    // Atomics.wait refused on this thread: retrying at once still works.
+  }
+}
+
+/**
+ * Write all of `text` to `fd` synchronously. A non-blocking fd (stderr shared
+ * with a process that set O_NONBLOCK) answers EAGAIN when full: wait and retry
+ * rather than lose a log line. Other errors mean nobody is listening.
+ */
+function writeAllSync(fd: number, text: string | Uint8Array): void {
+  const bytes = typeof text === "string" ? encoder.encode(text) : text;
+  let done = 0;
+  while (done < bytes.length) {
+    try {
+      done += fs.writeSync(fd, bytes, done, bytes.length - done);
+    } catch (err) {
+      if (errnoCode(err) !== "EAGAIN") return;
+      sleepSync(1);
+    }
+  }
+}
+
+/**
+ * Read `out` until its first newline; resolves with the text before it (or
+ * everything, if it ends first). Reading stops there without closing the pipe.
+ */
+function firstLineOf(out: Readable): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const decoder = new TextDecoder();
+    let text = "";
+    const finish = () => {
+      out.off("data", onData);
+      out.off("end", finish);
+      out.off("error", onError);
+      out.pause();
+      const nl = text.indexOf("\n");
+      resolve(nl >= 0 ? text.slice(0, nl) : text);
+    };
+    const onData = (chunk: Uint8Array) => {
+      text += decoder.decode(chunk, { stream: true });
+      if (text.includes("\n")) finish();
+    };
+    const onError = (err: Error) => {
+      out.off("data", onData);
+      out.off("end", finish);
+      reject(err);
+    };
+    out.on("data", onData);
+    out.on("end", finish);
+    out.on("error", onError);
+  });
+}
+
+function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
+  if (signal) return 128 + (os.constants.signals[signal] ?? 0);
+  return code ?? 0;
+}
+
+/** The runtime adapter for Node (also the base of the Bun adapter). */
+export const nodeRuntime: Runtime = {
+  name: "node",
+  version: process.versions.node,
+  args: process.argv.slice(2),
+  pid: process.pid,
+  ppid: () => process.ppid,
+  env: (name) => process.env[name],
+  exit: (code) => process.exit(code),
+  writeStderr: (text) => writeAllSync(2, text),
+  writeStdout: (text) => writeAllSync(1, text),
+  stderrIsTerminal: () => process.stderr.isTTY === true,
+  onSignal(signal: SignalName, handler: () => void) {
+    process.on(signal, handler);
+  },
+
+  async listenTcp(hostname, port, onConnection): Promise<Listener> {
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (sock) => {
+      sock.setNoDelay(true);
+      onConnection(socketConnection(sock));
+    });
+    await listenOn(server, (done) => server.listen({ host: hostname ?? "0.0.0.0", port }, done));
+    const addr = server.address() as net.AddressInfo;
+    return {
+      address: { transport: "tcp", hostname: addr.address, port: addr.port },
+      close: () => server.close(),
+    };
+  },
+
+  async listenUnix(path, onConnection): Promise<Listener> {
+    await removeStaleSocket(path);
+    const server = net.createServer({ allowHalfOpen: true }, (sock) => {
+      onConnection(socketConnection(sock));
+    });
+    await listenOn(server, (done) => server.listen({ path }, done));
+    return { address: { transport: "unix", path }, close: () => server.close() };
+  },
+
+  connectUnix(path): Promise<Connection> {
+    return new Promise((resolve, reject) => {
+      const sock = net.createConnection({ path, allowHalfOpen: true });
+      sock.once("error", reject);
+      sock.once("connect", () => {
+        sock.off("error", reject);
+        resolve(socketConnection(sock));
+      });
+    });
+  },
+
+  stdio(): Connection {
+    const { stdin, stdout } = process;
+    return {
+      readable: readableFromNode(stdin, () => stdin.pause()),
+      writable: writableFromNode(stdout),
+      close() {
+        stdin.destroy();
+        destroyNow(stdout);
+      },
+    };
+  },
+
+  spawnShell(command: string, options: SpawnOptions = {}): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const child = spawn("/bin/sh", ["-c", command], {
+        env: { ...process.env, ...options.env },
+        // Our fd 2 given as the child's stdout: no pipe to pump.
+        stdio: [
+          options.stdin === "null" ? "ignore" : "inherit",
+          options.stdout === "stderr" ? 2 : "inherit",
+          "inherit",
+        ],
+      });
+      child.once("error", reject);
+      child.once("exit", (code, signal) => resolve(exitStatus(code, signal)));
+    });
+  },
+
+  async spawnDetachedSelf(args, env) {
+    // setsid(1) starts the new session itself; Node's `detached` would make
+    // the child a group leader first and setsid(1) would then fork again.
+    const child = spawn("setsid", [...nodeRuntime.selfCommand(), ...args], {
+      env: { ...process.env, ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const failed = new Promise<never>((_, reject) => child.once("error", reject));
+    failed.catch(() => {});
+    const out = child.stdout!;
+    const err = child.stderr!;
+    // Until the child is ready its messages are ours; after that its stderr
+    // must not hold open the stderr of whoever waits on us.
+    const relay = (chunk: Buffer) => writeAllSync(2, chunk);
+    err.on("data", relay);
+    try {
+      return await Promise.race([firstLineOf(out), failed]);
+    } finally {
+      err.off("data", relay);
+      // The parent is about to exit: neither the child nor its pipes may keep
+      // the event loop alive.
+      for (const pipe of [out, err]) (pipe as Readable & { unref?: () => void }).unref?.();
+      child.unref();
+    }
+  },
+
+  selfCommand() {
+    const script = process.argv[1];
+    // A `bun build --compile` binary runs its entry point from an embedded
+    // file system; the binary alone restarts it.
+    if (!script || script.startsWith("/$bunfs/")) {
+      return [process.execPath];
+    }
+    return [process.execPath, ...process.execArgv, script];
+  },
+
+  async stat(path): Promise<FileInfo | null> {
+    try {
+      const st = await fsp.stat(path);
+      return { kind: kindOf(st), size: st.size };
+    } catch (err) {
+      if (errnoCode(err) === "ENOENT") return null;
+      throw err;
+    }
+  },
+
+  async openFile(path, { write }) {
+    const { O_RDONLY, O_RDWR } = fs.constants;
+    return new NodeFile(await openFd(path, write ? O_RDWR : O_RDONLY));
+  },
+
+  async mkfifo(path) {
+    const child = spawn("mkfifo", ["-m", "600", "--", path], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    let stderr = "";
+    child.stderr!.setEncoding("utf8");
+    child.stderr!.on("data", (text: string) => stderr += text);
+    const status = await new Promise<number>((resolve, reject) => {
+      child.once("error", reject);
+      child.once("close", (code, signal) => resolve(exitStatus(code, signal)));
+    });
+    if (status !== 0) throw new Error(`mkfifo: ${stderr.trim() || `exit status ${status}`}`);
+  },
+
+  openReadStream(path) {
+    return openStream(path, fs.constants.O_RDONLY, pipeReadable, fdReadable);
+  },
+
+  async openWriteStream(path) {
+    return openStream(path, await writeStreamFlags(path), pipeWritable, fdWritable);
+  },
+
+  stdinStream() {
+    const { stdin } = process;
+    return readableFromNode(stdin, () => stdin.pause());
+  },
+  stdoutStream: () => writableFromNode(process.stdout),
+  writeTextFile: (path, text) => fsp.writeFile(path, text),
+  async removeFile(path) {
+    try {
+      await fsp.unlink(path);
+    } catch (err) {
+      if (errnoCode(err) !== "ENOENT") throw err;
+    }
+  },
+  makeTempDir: (prefix) => fsp.mkdtemp(join(os.tmpdir(), prefix)),
+  removeDir: (dir) => fsp.rm(dir, { recursive: true }),
+  resolvePath: (path) => resolve(path),
+  async importModule(path) {
+    return await import(pathToFileURL(resolve(path)).href);
+  },
+};
