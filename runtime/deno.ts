@@ -37,15 +37,20 @@ const READ_CHUNK = 64 * 1024;
  * request must still get the replies.
  */
 function readableOf(conn: Deno.Conn): ReadableStream<Uint8Array> {
+  // One read buffer, reused while reads are small (a burst of 28-byte request
+  // headers must not cost a fresh 64 KiB buffer each); a large read gives its
+  // buffer away as the chunk, saving a copy of write payloads. A BYOB reader
+  // gets the bytes straight into its own buffer.
+  let buf = new Uint8Array(READ_CHUNK);
   return new ReadableStream({
     type: "bytes",
-    autoAllocateChunkSize: READ_CHUNK,
     async pull(controller) {
-      const request = controller.byobRequest!;
-      const view = request.view!;
+      const request = controller.byobRequest;
+      const view = request?.view;
+      const target = view ? new Uint8Array(view.buffer, view.byteOffset, view.byteLength) : buf;
       let n: number | null;
       try {
-        n = await conn.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
+        n = await conn.read(target);
       } catch (err) {
         try {
           controller.error(err);
@@ -55,9 +60,14 @@ function readableOf(conn: Deno.Conn): ReadableStream<Uint8Array> {
       try {
         if (n === null) {
           controller.close();
-          request.respond(0);
-        } else {
+          request?.respond(0);
+        } else if (request) {
           request.respond(n);
+        } else if (n < READ_CHUNK / 4) {
+          controller.enqueue(buf.slice(0, n));
+        } else {
+          controller.enqueue(buf.subarray(0, n)); // transfers buf's memory
+          buf = new Uint8Array(READ_CHUNK);
         }
       } catch { /* cancelled meanwhile */ }
     },

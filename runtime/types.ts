@@ -9,7 +9,11 @@
 export interface Connection {
   /** Bytes from the peer. */
   readonly readable: ReadableStream<Uint8Array>;
-  /** Bytes to the peer. */
+  /**
+   * Bytes to the peer. A write of 64 KiB or more resolves only once the
+   * runtime no longer needs the chunk (the server then reuses it); a smaller
+   * chunk must not be changed after it is written.
+   */
   readonly writable: WritableStream<Uint8Array>;
   /** Close both directions at once, dropping anything unsent. */
   close(): void;
