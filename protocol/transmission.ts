@@ -81,7 +81,21 @@ const MAX_SAFE = Number.MAX_SAFE_INTEGER;
  */
 const POOL_MIN = 64 * 1024;
 const POOL_PER_SIZE = 16;
+
+/** Microtask turns a reply waits for others to join its write. */
+const FLUSH_TURNS = 12;
 const pool = new Map<number, Uint8Array[]>();
+
+/** Concatenate `chunks` (`length` bytes in all). */
+function joinChunks(chunks: Uint8Array[], length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
 
 /** A buffer of `length` bytes, zeroed so a plugin that fills it partly leaks nothing. */
 function takeBuffer(length: number): Uint8Array {
@@ -241,11 +255,56 @@ export async function transmission(
   let wake: (() => void) | null = null;
   let broken = false;
 
-  const send = (bytes: Uint8Array): Promise<void> => {
-    if (broken) return Promise.resolve();
-    return writer.write(bytes).catch(() => {
+  // Small replies are gathered and written together: one write (one system
+  // call) for the replies to a burst of pipelined requests. The batch goes out
+  // when the loop is about to wait for input, or, when it already waits, once
+  // the current microtasks have run. Large replies flush the batch and go out
+  // on their own, in order.
+  let batch: Uint8Array[] = [];
+  let batchBytes = 0;
+  let waitingForInput = false;
+  let flushQueued = false;
+  let lastWrite: Promise<void> = Promise.resolve();
+
+  const write = (bytes: Uint8Array): Promise<void> => {
+    lastWrite = writer.write(bytes).catch(() => {
       broken = true;
     });
+    return lastWrite;
+  };
+
+  const flush = (): void => {
+    flushQueued = false;
+    if (batch.length === 0 || broken) return;
+    const bytes = batch.length === 1 ? batch[0] : joinChunks(batch, batchBytes);
+    batch = [];
+    batchBytes = 0;
+    write(bytes);
+  };
+
+  // Requests dispatched together finish a few microtask turns apart (each
+  // await in the plugin call chain is one): waiting some turns lets their
+  // replies join the batch, at no cost in latency (no timer, no I/O).
+  const deferFlush = async (): Promise<void> => {
+    for (let i = 0; i < FLUSH_TURNS; i++) await undefined;
+    flush();
+  };
+
+  const send = (bytes: Uint8Array): Promise<void> => {
+    if (broken) return Promise.resolve();
+    if (bytes.length >= POOL_MIN) {
+      flush();
+      return write(bytes);
+    }
+    batch.push(bytes);
+    batchBytes += bytes.length;
+    if (batchBytes >= POOL_MIN) {
+      flush();
+    } else if (waitingForInput && !flushQueued) {
+      flushQueued = true;
+      deferFlush();
+    }
+    return Promise.resolve();
   };
 
   const sendError = (req: Request, errno: number): Promise<void> =>
@@ -339,7 +398,12 @@ export async function transmission(
     while (!broken) {
       let head: Uint8Array;
       try {
+        if (reader.buffered < 28) {
+          flush();
+          waitingForInput = true;
+        }
         head = await reader.read(28);
+        waitingForInput = false;
       } catch (err) {
         if (err instanceof EndOfStream) {
           if (err.partial) options.debug("client closed the connection in the middle of a request");
@@ -367,6 +431,7 @@ export async function transmission(
 
       let payload: Uint8Array | null = null;
       if (type === NBD_CMD_WRITE) {
+        if (reader.buffered < count) flush(); // do not hold replies while the payload trickles in
         if (count > MAX_REQUEST_SIZE) {
           // Drained in the stream's own chunks: nothing the size of `count` is allocated.
           await reader.skip(count);
@@ -394,5 +459,7 @@ export async function transmission(
     }
   } finally {
     while (inFlight > 0) await new Promise<void>((resolve) => wake = resolve);
+    flush();
+    await lastWrite;
   }
 }
