@@ -77,6 +77,8 @@ export interface HandshakeOptions {
   tls?: TlsUpgrade;
   /** A one-line diagnostic (debug level). */
   debug(message: string): void;
+  /** A one-line error (an export that cannot be opened). */
+  error(message: string): void;
 }
 
 /** What the handshake settled. */
@@ -303,7 +305,7 @@ export async function handshake(
           try {
             session = await provider.open(exportName, tls);
           } catch (err) {
-            options.debug(`${name}: cannot open export "${exportName}": ${messageOf(err)}`);
+            options.error(`${name}: cannot open export "${exportName}": ${messageOf(err)}`);
             await reply(option, NBD_REP_ERR_UNKNOWN, utf8(messageOf(err).slice(0, NBD_MAX_STRING)));
             break;
           }

@@ -106,7 +106,13 @@ describe("protocol over in-memory streams", () => {
         server.reader,
         server.writer,
         pluginProvider(plugin, { readonly: false, exportName: "" }, 1),
-        { structuredReplies: true, metaContexts: true, handshakeFlags: 3, debug: () => {} },
+        {
+          structuredReplies: true,
+          metaContexts: true,
+          handshakeFlags: 3,
+          debug: () => {},
+          error: (m) => errors.push(m),
+        },
       );
       assert.ok(n);
       assert.equal(n.structured, true);
