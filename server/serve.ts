@@ -132,6 +132,7 @@ export async function startServer<H>(
           handshakeFlags,
           tls: options.tls,
           debug: (m) => clog.debug(m),
+          error: (m) => clog.error(m),
         },
       );
       clearTimeout(timer);
