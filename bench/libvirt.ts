@@ -1,0 +1,120 @@
+/**
+ * nbdcopy of a raw guest disk to `null:` through our libvirt plugin and
+ * through nbdkit's (C), on the same domain, in the same run, alternating.
+ *
+ * ```
+ * deno run -A bench/libvirt.ts [--rounds=5] [--size=1024] [--requests=256K]
+ * bun bench/libvirt.ts …            # our server on Bun (NBDKIT_TS_CMD overrides)
+ * ```
+ *
+ * `--size` is in MiB. Each round starts both servers on Unix sockets and
+ * times nbdcopy alone (server start-up excluded), then reads the CPU time
+ * the server and libvirtd spent. Prints every round, the medians and the
+ * throughput ratio (ours / nbdkit's).
+ *
+ * @module
+ */
+import { spawn, spawnSync } from "node:child_process";
+import { existsSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ourCommand, RUNTIME } from "../tests/helpers.ts";
+import { must, setupLibvirt } from "../tests/libvirt_env.ts";
+
+const args = Object.fromEntries(
+  process.argv.slice(2).map((a) => a.replace(/^--/, "").split("=", 2) as [string, string]),
+);
+const rounds = Number(args.rounds ?? 5);
+const sizeMiB = Number(args.size ?? 1024);
+const requestSize = args.requests ?? "";
+const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH ?? ""}` };
+
+/** CPU seconds (user + system) a process has used so far. */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+function libvirtdPid(): number {
+  return Number(must("pgrep", ["-xo", "libvirtd"]).trim());
+}
+
+interface Sample {
+  seconds: number;
+  serverCpu: number;
+  libvirtdCpu: number;
+}
+
+/** Start `program` serving `params` on a socket, time one nbdcopy from it, stop it. */
+async function measure(program: string[], params: string[]): Promise<Sample> {
+  const socket = join(tmpdir(), `nbdkit-ts-bench-${process.pid}-${Date.now()}.sock`);
+  const child = spawn(program[0], [...program.slice(1), "-f", "-U", socket, ...params], {
+    env: ENV,
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  const exited = new Promise((resolve) => child.on("close", resolve));
+  try {
+    const deadline = Date.now() + 30_000;
+    while (!existsSync(socket)) {
+      if (Date.now() > deadline || child.exitCode !== null) {
+        throw new Error(`${program.join(" ")} did not start`);
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const lv = libvirtdPid();
+    const lvBefore = cpuSeconds(lv);
+    const srvBefore = cpuSeconds(child.pid!);
+    const t0 = performance.now();
+    const extra = requestSize ? [`--request-size=${requestSize}`] : [];
+    const r = spawnSync("nbdcopy", [...extra, `nbd+unix:///?socket=${socket}`, "null:"], {
+      env: ENV,
+      stdio: ["ignore", "inherit", "inherit"],
+    });
+    const seconds = (performance.now() - t0) / 1000;
+    if (r.status !== 0) throw new Error(`nbdcopy failed with status ${r.status}`);
+    return {
+      seconds,
+      serverCpu: cpuSeconds(child.pid!) - srvBefore,
+      libvirtdCpu: cpuSeconds(lv) - lvBefore,
+    };
+  } finally {
+    child.kill("SIGTERM");
+    await exited;
+    rmSync(socket, { force: true });
+  }
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+const env = await setupLibvirt({ bigSize: sizeMiB * 1024 * 1024, extraDisks: false });
+try {
+  const params = ["libvirt", `domain=${env.domain}`, "disk=sda"];
+  const programs = { ours: ourCommand(), nbdkit: ["nbdkit"] };
+  const cores = must("nproc", []).trim();
+  console.log(
+    `nbdcopy of a ${sizeMiB} MiB raw guest disk to null:, ${rounds} rounds, ${cores} cores, ` +
+      `ours on ${RUNTIME}${requestSize ? `, --request-size=${requestSize}` : ""}`,
+  );
+  const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
+  for (let i = 0; i < rounds; i++) {
+    for (const name of ["ours", "nbdkit"] as const) {
+      const s = await measure(programs[name], params);
+      results[name].push(s);
+      console.log(
+        `  round ${i + 1} ${name.padEnd(6)} ${s.seconds.toFixed(2)} s  ` +
+          `${(sizeMiB / s.seconds).toFixed(0).padStart(5)} MiB/s  ` +
+          `server cpu ${s.serverCpu.toFixed(2)} s  libvirtd cpu ${s.libvirtdCpu.toFixed(2)} s`,
+      );
+    }
+  }
+  const o = median(results.ours.map((s) => s.seconds));
+  const t = median(results.nbdkit.map((s) => s.seconds));
+  console.log(`median ours   ${o.toFixed(2)} s  ${(sizeMiB / o).toFixed(0)} MiB/s`);
+  console.log(`median nbdkit ${t.toFixed(2)} s  ${(sizeMiB / t).toFixed(0)} MiB/s`);
+  console.log(`throughput ratio ours/nbdkit: ${(t / o).toFixed(2)}x`);
+} finally {
+  env.cleanup();
+}
