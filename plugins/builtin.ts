@@ -11,5 +11,6 @@ export const BUILTIN_PLUGINS: Record<string, () => Promise<Plugin<unknown>>> = {
   memory: async () => (await import("./memory.ts")).default as Plugin<unknown>,
   null: async () => (await import("./null.ts")).default as Plugin<unknown>,
   file: async () => (await import("./file.ts")).default as Plugin<unknown>,
+  streaming: async () => (await import("./streaming.ts")).default as Plugin<unknown>,
   libvirt: async () => (await import("./libvirt/mod.ts")).default as Plugin<unknown>,
 };

@@ -1,0 +1,184 @@
+/**
+ * Read mode of the streaming plugin: one byte stream in, served to a client
+ * that reads the disk from start to end.
+ *
+ * Reads ahead of the stream consume it (a forward skip discards bytes);
+ * re-reads are served from what is retained (the first bytes and the most
+ * recent window). A read of bytes no longer retained stops the plugin: an
+ * error state every later request reports. The stream ending before the
+ * export does fails only the reads past its end.
+ *
+ * @module
+ */
+import { messageOf, NbdError } from "../errors.ts";
+import { formatSize } from "../size.ts";
+import { RetainedBytes } from "./retained_bytes.ts";
+
+/** Bytes from the start of the stream that are always kept. */
+export const HEAD_SIZE = 1024 * 1024;
+
+/** Options of a {@linkcode StreamReader}. */
+export interface StreamReaderOptions {
+  /** The stream, once it is open (a rejection stops the reader). */
+  source: Promise<ReadableStream<Uint8Array>>;
+  /** How many recent bytes are kept for re-reads. */
+  window: number;
+  /** What the stream is, for messages ("'/tmp/fifo'", "standard input"). */
+  name: string;
+  /** Bytes kept from the start; {@linkcode HEAD_SIZE} by default. */
+  headSize?: number;
+  /** Bytes read beyond the latest request, to overlap the source with the client. */
+  readahead?: number;
+  /** Called once when the reader enters its error state. */
+  onFailure?: (message: string) => void;
+}
+
+/**
+ * The engine of read mode.
+ *
+ * @example
+ * ```ts
+ * import { StreamReader } from "./stream_reader.ts";
+ * const source = new ReadableStream<Uint8Array>({
+ *   start(c) {
+ *     c.enqueue(new Uint8Array([1, 2, 3, 4]));
+ *     c.close();
+ *   },
+ * });
+ * const r = new StreamReader({ source: Promise.resolve(source), window: 16, name: "test" });
+ * const buf = new Uint8Array(2);
+ * await r.read(buf, 2);
+ * console.assert(buf.join() === "3,4");
+ * await r.close();
+ * ```
+ */
+export class StreamReader {
+  #source: Promise<ReadableStream<Uint8Array>>;
+  #reader: ReadableStreamDefaultReader<Uint8Array> | null = null;
+  #retained: RetainedBytes;
+  #window: number;
+  #name: string;
+  #readahead: number;
+  #eof = false;
+  #filling: Promise<void> | null = null;
+  #failure: string | null = null;
+  #told = false;
+  #onFailure: ((message: string) => void) | undefined;
+  #closed = false;
+
+  /**
+   * Create the engine.
+   *
+   * @param options The source and the retention policy.
+   */
+  constructor(options: StreamReaderOptions) {
+    this.#source = options.source;
+    this.#window = options.window;
+    this.#name = options.name;
+    this.#readahead = options.readahead ?? 0;
+    this.#onFailure = options.onFailure;
+    this.#retained = new RetainedBytes(options.headSize ?? HEAD_SIZE, options.window);
+    this.#source.catch((err) => this.fail(`Cannot open ${this.#name}: ${messageOf(err)}`));
+  }
+
+  /** Bytes consumed from the stream so far. */
+  get position(): number {
+    return this.#retained.end;
+  }
+
+  /** Whether the stream has ended. */
+  get ended(): boolean {
+    return this.#eof;
+  }
+
+  /** Why the reader stopped, or null while it works. */
+  get failure(): string | null {
+    return this.#failure;
+  }
+
+  /**
+   * Enter the error state (the first reason sticks).
+   *
+   * @param message Why.
+   */
+  fail(message: string): void {
+    if (this.#failure !== null) return;
+    this.#failure = message;
+    this.#onFailure?.(message);
+  }
+
+  /**
+   * Throw the error state's reason, if the reader is in it: as it is the
+   * first time, then as the reason the stream stopped earlier.
+   *
+   * @throws {NbdError} EIO with the reason.
+   */
+  check(): void {
+    if (this.#failure === null) return;
+    const told = this.#told;
+    this.#told = true;
+    throw new NbdError(
+      "EIO",
+      told ? `The stream stopped earlier: ${this.#failure}` : this.#failure,
+    );
+  }
+
+  /**
+   * Fill `buf` with the stream's bytes at `offset`.
+   *
+   * @param buf Where the bytes go.
+   * @param offset The offset in the stream.
+   */
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    this.check();
+    const end = offset + buf.length;
+    if (end > this.#retained.end) await this.#fill(end);
+    this.check();
+    if (end > this.#retained.end) {
+      throw new NbdError(
+        "EIO",
+        `The stream ended at offset ${this.#retained.end}, before the end of the read at ` +
+          `offset ${offset} (${buf.length} bytes)`,
+      );
+    }
+    if (!this.#retained.copyOut(buf, offset)) {
+      this.fail(
+        `Cannot read offset ${offset} (${buf.length} bytes) again: the stream is at offset ` +
+          `${this.#retained.end}, and only its first ${formatSize(HEAD_SIZE)} and its last ` +
+          `${formatSize(this.#window)} (window=) are kept`,
+      );
+      this.check();
+    }
+    if (this.#readahead > 0 && !this.#eof) {
+      this.#fill(end + this.#readahead).catch(() => {});
+    }
+  }
+
+  /** Stop reading the source. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    if (this.#reader) {
+      await this.#reader.cancel().catch(() => {});
+    } else {
+      this.#source.then((s) => s.cancel().catch(() => {}), () => {});
+    }
+  }
+
+  async #fill(end: number): Promise<void> {
+    while (this.#retained.end < end && !this.#eof && this.#failure === null && !this.#closed) {
+      this.#filling ??= this.#readOne().finally(() => this.#filling = null);
+      await this.#filling;
+    }
+  }
+
+  async #readOne(): Promise<void> {
+    try {
+      this.#reader ??= (await this.#source).getReader();
+      const { value, done } = await this.#reader.read();
+      if (done) this.#eof = true;
+      else this.#retained.append(value);
+    } catch (err) {
+      this.fail(`Cannot read ${this.#name} at offset ${this.#retained.end}: ${messageOf(err)}`);
+    }
+  }
+}
