@@ -6,7 +6,7 @@
  *
  * @module
  */
-import type { Connection, Listener, Runtime } from "./types.ts";
+import type { Connection, Listener, Runtime, TlsServerOptions } from "./types.ts";
 import {
   fdReadable,
   fdWritable,
@@ -14,6 +14,7 @@ import {
   openStream,
   READ_HIGH_WATER_MARK,
   removeStaleSocket,
+  startTlsOverStreams,
   writeStreamFlags,
 } from "./node.ts";
 import { constants } from "node:fs";
@@ -146,6 +147,11 @@ class BunConnection implements Connection {
     this.#closed ??= err ?? new Error("Connection closed");
     this.#wake();
     this.#finish(err);
+  }
+
+  /** TLS through Bun's `node:tls` over this connection's streams. */
+  startTls(options: TlsServerOptions): Promise<Connection> {
+    return startTlsOverStreams(this, options);
   }
 
   close(): void {
@@ -313,6 +319,19 @@ export const bunRuntime: Runtime = {
       socket: handlers(() => {}, false),
     });
     return socket.data!;
+  },
+
+  prepareTls(options) {
+    if (options.psk) {
+      // Bun's node:tls ignores pskCallback (BoringSSL finds no shared cipher).
+      return Promise.reject(
+        new Error(
+          "TLS pre-shared keys (--tls-psk) are not available on Bun, whose TLS has no PSK: " +
+            "run nbdkit-ts on Node (npx nbdkit-ts)",
+        ),
+      );
+    }
+    return nodeRuntime.prepareTls(options);
   },
 
   openReadStream(path) {

@@ -12,6 +12,7 @@ import type {
   Runtime,
   SignalName,
   SpawnOptions,
+  TlsServerOptions,
 } from "./types.ts";
 import { readFirstLine } from "./first_line.ts";
 
@@ -85,7 +86,20 @@ function wrapConn(conn: Deno.Conn): Connection {
         // already closed
       }
     },
+    startTls(options) {
+      return startTls(this, options);
+    },
   };
+}
+
+/**
+ * TLS for a connection. `Deno.startTls` is client-only and `Deno.listenTls`
+ * cannot upgrade an accepted connection, but Deno's `node:tls` runs a server
+ * handshake over any stream: the Node adapter's code does it over ours
+ * (loaded only when TLS is used).
+ */
+async function startTls(conn: Connection, options: TlsServerOptions): Promise<Connection> {
+  return await (await import("./node.ts")).startTlsOverStreams(conn, options);
 }
 
 async function acceptLoop(
@@ -250,6 +264,9 @@ export const denoRuntime: Runtime = {
           Deno.stdout.close();
         } catch { /* closed */ }
       },
+      startTls(options) {
+        return startTls(this, options);
+      },
     };
   },
 
@@ -342,6 +359,23 @@ export const denoRuntime: Runtime = {
       if (!(err instanceof Deno.errors.NotFound)) throw err;
     }
   },
+  async prepareTls(options) {
+    if (options.psk) {
+      throw new Error(
+        "TLS pre-shared keys (--tls-psk) are not available on Deno, whose TLS (rustls) has no PSK: " +
+          "run nbdkit-ts on Node (npx nbdkit-ts)",
+      );
+    }
+    if (options.verifyPeer) {
+      // Its node:tls demands a client certificate but accepts one from any CA.
+      throw new Error(
+        "client certificates (--tls-verify-peer) cannot be checked on Deno, whose node:tls " +
+          "accepts any client certificate: run nbdkit-ts on Bun or Node",
+      );
+    }
+    (await import("./node.ts")).prepareNodeTls(options);
+  },
+  uid: () => Deno.uid() ?? 0,
   makeTempDir: (prefix) => Deno.makeTempDir({ prefix }),
   removeDir: (path) => Deno.remove(path, { recursive: true }),
   resolvePath(path) {

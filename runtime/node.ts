@@ -8,8 +8,11 @@ import * as net from "node:net";
 import * as fs from "node:fs";
 import * as fsp from "node:fs/promises";
 import { spawn } from "node:child_process";
-import type { Readable, Writable } from "node:stream";
+import { Duplex, type Readable, type Writable } from "node:stream";
+import * as tls from "node:tls";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import * as os from "node:os";
+import * as nodeModule from "node:module";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import process from "node:process";
@@ -18,10 +21,12 @@ import type {
   FileInfo,
   FileKind,
   Listener,
+  PemFile,
   RandomAccessFile,
   Runtime,
   SignalName,
   SpawnOptions,
+  TlsServerOptions,
 } from "./types.ts";
 
 const encoder = new TextEncoder();
@@ -35,6 +40,19 @@ export const READ_HIGH_WATER_MARK: number = 4 << 20;
 
 /** Chunk size of reads from regular files and devices opened as streams. */
 const FILE_CHUNK = 256 << 10;
+
+let typeScriptHooks = false;
+
+/** Let Node import `.ts` plugins (see node_ts_hooks.ts); once, and only when one is loaded. */
+function registerTypeScriptHooks(): void {
+  if (typeScriptHooks) return;
+  typeScriptHooks = true;
+  // The npm build compiles this file to .js beside the built hooks.
+  const ext = import.meta.url.endsWith(".ts") ? "ts" : "js";
+  (nodeModule as { register?: (url: URL) => void }).register?.(
+    new URL(`./node_ts_hooks.${ext}`, import.meta.url),
+  );
+}
 
 function errnoCode(err: unknown): string | undefined {
   return (err as { code?: unknown })?.code as string | undefined;
@@ -198,7 +216,211 @@ function socketConnection(sock: net.Socket): Connection {
     readable: readableFromNode(sock, () => sock.pause()),
     writable: writableFromNode(sock),
     close: () => destroyNow(sock),
+    startTls(options) {
+      // TLS takes over the socket's handle: the plain stream must neither
+      // hold back the STARTTLS reply (corked) nor see the TLS bytes.
+      while (sock.writableCorked > 0) sock.uncork();
+      sock.removeAllListeners("data");
+      sock.pause();
+      return secureServer(sock, options, () => sock.destroy());
+    },
   };
+}
+
+/** Secure contexts made by {@linkcode prepareNodeTls}, one per configuration. */
+const secureContexts = new WeakMap<TlsServerOptions, tls.SecureContext>();
+
+/**
+ * Cipher suites offered with pre-shared keys: TLS 1.3's, and TLS 1.2's PSK
+ * suites, which Node's default list excludes.
+ */
+const PSK_CIPHERS = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:" +
+  "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256:" +
+  "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305";
+
+/** An error's message on one line (OpenSSL's may span several). */
+function oneLine(err: unknown): string {
+  return String((err as Error)?.message ?? err).replace(/\s+/g, " ").trim();
+}
+
+function parsePem<T>(file: PemFile, what: string, parse: (pem: string) => T): T {
+  try {
+    return parse(file.pem);
+  } catch (err) {
+    throw new Error(`${file.path}: not a usable ${what}: ${oneLine(err)}`);
+  }
+}
+
+/**
+ * Check TLS credentials and make their secure context, once. The key,
+ * certificates and their match are checked one by one first, so that the
+ * message names the culprit file (and because Deno's `createSecureContext`
+ * checks nothing).
+ *
+ * @param options The credentials, as read by `server/tls.ts`.
+ * @throws {Error} A one-line message when something cannot be used.
+ */
+export function prepareNodeTls(options: TlsServerOptions): void {
+  if (secureContexts.has(options)) return;
+  const { cert, key, ca, crl } = options;
+  if (cert && key) {
+    const certificate = parsePem(cert, "certificate", (pem) => new X509Certificate(pem));
+    const privateKey = parsePem(key, "private key", (pem) => createPrivateKey(pem));
+    if (!certificate.checkPrivateKey(privateKey)) {
+      throw new Error(`${key.path}: the private key does not belong to ${cert.path}`);
+    }
+  }
+  if (ca) parsePem(ca, "CA certificate", (pem) => new X509Certificate(pem));
+  try {
+    secureContexts.set(
+      options,
+      tls.createSecureContext({
+        cert: cert?.pem,
+        key: key?.pem,
+        ca: ca?.pem,
+        crl: crl?.pem,
+        ciphers: options.psk ? PSK_CIPHERS : undefined,
+      }),
+    );
+  } catch (err) {
+    throw new Error(`cannot use the TLS credentials: ${oneLine(err)}`);
+  }
+}
+
+/**
+ * Why a client's certificate is refused, or null when it is accepted. Node
+ * works the verdict out during the handshake but sets `authorized` only on
+ * the sockets of a `tls.Server`; a lone TLSSocket answers through
+ * `ssl.verifyError()`. Bun sets `authorized`. Anything else is refused.
+ */
+function peerRefusal(sock: tls.TLSSocket): string | null {
+  const cert = sock.getPeerCertificate();
+  if (!cert || Object.keys(cert).length === 0) return "the client sent no certificate";
+  if (sock.authorized) return null;
+  const ssl = (sock as unknown as { ssl?: { verifyError?: () => Error | null | undefined } }).ssl;
+  if (typeof ssl?.verifyError === "function") {
+    const verdict = ssl.verifyError();
+    if (verdict == null) return null;
+    return `the client's certificate was refused: ${
+      (verdict as { code?: string }).code ?? oneLine(verdict)
+    }`;
+  }
+  return `the client's certificate could not be verified: ${
+    sock.authorizationError ?? "no verdict"
+  }`;
+}
+
+/**
+ * Run the server side of a TLS handshake over `transport` and resolve, once
+ * it has finished and the peer is accepted, with the protected connection.
+ *
+ * @param transport A connected socket, or any duplex carrying the bytes.
+ * @param options The credentials (prepared by {@linkcode prepareNodeTls}).
+ * @param closeTransport Ends the transport for good.
+ * @returns The TLS connection.
+ */
+function secureServer(
+  transport: net.Socket | Duplex,
+  options: TlsServerOptions,
+  closeTransport: () => void,
+): Promise<Connection> {
+  prepareNodeTls(options);
+  const psk = options.psk;
+  const wantCert = options.verifyPeer && !psk;
+  const sock = new tls.TLSSocket(transport, {
+    isServer: true,
+    secureContext: secureContexts.get(options),
+    requestCert: wantCert,
+    rejectUnauthorized: wantCert,
+    // An unknown identity gets null: the handshake fails with unknown_psk_identity.
+    ...(psk ? { pskCallback: (_: unknown, identity: string) => psk.get(identity) ?? null } : {}),
+  } as tls.TLSSocketOptions);
+  return new Promise((resolve, reject) => {
+    const cleanup = () => {
+      sock.off("error", fail);
+      sock.off("end", closed);
+      sock.off("close", closed);
+    };
+    function fail(err: Error): void {
+      cleanup();
+      sock.destroy();
+      closeTransport();
+      // Node's OpenSSL errors carry the short reason beside a long message.
+      const reason = (err as { reason?: unknown }).reason;
+      reject(
+        new Error(`TLS handshake failed: ${typeof reason === "string" ? reason : oneLine(err)}`),
+      );
+    }
+    function closed(): void {
+      fail(new Error("the connection was closed"));
+    }
+    sock.once("error", fail);
+    // The socket is half-open: a client that leaves mid-handshake ends it, without a close.
+    sock.once("end", closed);
+    sock.once("close", closed);
+    sock.once("secure", () => {
+      const refusal = wantCert ? peerRefusal(sock) : null;
+      if (refusal) return fail(new Error(refusal));
+      cleanup();
+      resolve({
+        readable: readableFromNode(sock, () => sock.pause()),
+        writable: writableFromNode(sock),
+        close() {
+          destroyNow(sock);
+          closeTransport();
+        },
+      });
+    });
+  });
+}
+
+/**
+ * TLS over any connection, through its web streams: for connections that
+ * are not Node sockets (Deno's, Bun's, standard input and output). Bytes
+ * before the STARTTLS reply must all have been read; nobody may hold a
+ * reader or writer of `conn`.
+ *
+ * @param conn The plain connection.
+ * @param options The credentials (see {@linkcode prepareNodeTls}).
+ * @returns The TLS connection, once the handshake has finished.
+ */
+export function startTlsOverStreams(
+  conn: Connection,
+  options: TlsServerOptions,
+): Promise<Connection> {
+  const reader = conn.readable.getReader();
+  const writer = conn.writable.getWriter();
+  let reading = false;
+  const pump = async (): Promise<void> => {
+    while (true) {
+      const { value, done } = await reader.read();
+      // An empty push would stall the stream: Node does not ask again.
+      if (done || value.byteLength > 0) {
+        reading = false;
+        transport.push(done ? null : value);
+        return;
+      }
+    }
+  };
+  const transport: Duplex = new Duplex({
+    read() {
+      if (reading) return;
+      reading = true;
+      pump().catch((err) => transport.destroy(err));
+    },
+    write(chunk: Uint8Array, _encoding, callback) {
+      writer.write(chunk).then(() => callback(), callback);
+    },
+    final(callback) {
+      writer.close().then(() => callback(), callback);
+    },
+    destroy(err, callback) {
+      reader.cancel().catch(() => {});
+      conn.close();
+      callback(err);
+    },
+  });
+  return secureServer(transport, options, () => transport.destroy());
 }
 
 function listenOn(
@@ -577,6 +799,9 @@ export const nodeRuntime: Runtime = {
         stdin.destroy();
         destroyNow(stdout);
       },
+      startTls(options) {
+        return startTlsOverStreams(this, options);
+      },
     };
   },
 
@@ -682,10 +907,13 @@ export const nodeRuntime: Runtime = {
       if (errnoCode(err) !== "ENOENT") throw err;
     }
   },
+  prepareTls: (options) => new Promise((resolve) => resolve(prepareNodeTls(options))),
+  uid: () => process.getuid?.() ?? 0,
   makeTempDir: (prefix) => fsp.mkdtemp(join(os.tmpdir(), prefix)),
   removeDir: (dir) => fsp.rm(dir, { recursive: true }),
   resolvePath: (path) => resolve(path),
   async importModule(path) {
+    if (/\.m?ts$/.test(path) && !process.versions.bun) registerTypeScriptHooks();
     return await import(pathToFileURL(resolve(path)).href);
   },
 };

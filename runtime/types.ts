@@ -17,6 +17,44 @@ export interface Connection {
   readonly writable: WritableStream<Uint8Array>;
   /** Close both directions at once, dropping anything unsent. */
   close(): void;
+  /**
+   * Become the server side of a TLS session over this connection (NBD's
+   * STARTTLS). Nobody may hold a reader or writer of this connection's
+   * streams; nothing may have been read past the STARTTLS option. Resolves
+   * once the TLS handshake has finished (and the client's certificate has
+   * been checked, with `verifyPeer`), with the connection that carries the
+   * protected bytes from then on; rejects, with a one-line message, when the
+   * handshake fails. Absent where the runtime cannot do it.
+   */
+  startTls?(options: TlsServerOptions): Promise<Connection>;
+}
+
+/** A PEM file's text, with the path it was read from (for messages). */
+export interface PemFile {
+  /** Where it came from. */
+  path: string;
+  /** Its contents. */
+  pem: string;
+}
+
+/**
+ * A TLS server's credentials and policy, read once at start-up
+ * (`server/tls.ts`) and checked by {@linkcode Runtime.prepareTls}.
+ * Either a certificate and key, or pre-shared keys.
+ */
+export interface TlsServerOptions {
+  /** The server's certificate (chain). */
+  cert?: PemFile;
+  /** The server's private key. */
+  key?: PemFile;
+  /** The certificate authority that signs client certificates. */
+  ca?: PemFile;
+  /** Revoked client certificates. */
+  crl?: PemFile;
+  /** Refuse clients without a certificate signed by `ca`. */
+  verifyPeer: boolean;
+  /** Pre-shared keys by identity (TLS-PSK instead of certificates). */
+  psk?: Map<string, Uint8Array>;
 }
 
 /** Where a listener listens. */
@@ -147,6 +185,16 @@ export interface Runtime {
   writeTextFile(path: string, text: string): Promise<void>;
   /** Remove a file, ignoring a missing one. */
   removeFile(path: string): Promise<void>;
+  /**
+   * Check TLS credentials once, at start-up, and keep them ready for
+   * {@linkcode Connection.startTls}. Throws a one-line error for a
+   * certificate or key that cannot be used, or for what this runtime's TLS
+   * stack lacks (pre-shared keys need Node; client certificates are not
+   * checked by Deno's).
+   */
+  prepareTls(options: TlsServerOptions): Promise<void>;
+  /** This process's user id (0: root), which decides nbdkit's default certificate folder. */
+  uid(): number;
   /** Make a fresh temporary directory. */
   makeTempDir(prefix: string): Promise<string>;
   /** Remove a directory and everything in it. */

@@ -12,6 +12,7 @@ import { VERSION } from "../version.ts";
 import { type CliArgs, parseCli, UsageError } from "./cli_args.ts";
 import { logConfig } from "./log.ts";
 import { type Server, startServer } from "./serve.ts";
+import { loadTls, type TlsConfig, tlsLevel } from "./tls.ts";
 import { uriOf } from "./uri.ts";
 
 /** Set in the environment of the background child, which then reports readiness on stdout. */
@@ -22,6 +23,8 @@ export const USAGE = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-
           [-s] [--run 'COMMAND ARGS ...'] [-P PIDFILE] [--exit-with-parent]
           [-t THREADS] [--no-sr] [--no-mc] [--mask-handshake=MASK]
           [--print-uri] [-v] [--log=stderr|null] [--timeout=SECS]
+          [--tls=off|on|require] [--tls-certificates=DIR] [--tls-psk=FILE]
+          [--tls-verify-peer]
           PLUGIN [[KEY=]VALUE [KEY=VALUE [...]]]
 
 nbdkit-ts --dump-config
@@ -55,6 +58,14 @@ Options:
   -v, --verbose           Debug messages on stderr.
   --log=stderr|null       Where messages go (default stderr).
   --timeout=SECS          Drop clients that have not finished the handshake (default 60).
+  --tls=off|on|require    TLS refused / offered / required (STARTTLS). Without --tls:
+                          on when certificates or keys are given or found.
+  --tls-certificates=DIR  DIR holds ca-cert.pem, server-cert.pem, server-key.pem
+                          (default /etc/pki/nbdkit for root, else ~/.pki/nbdkit).
+  --tls-psk=FILE          Pre-shared keys instead of certificates: 'identity:hexkey'
+                          lines, as psktool writes them (Node only).
+  --tls-verify-peer       Refuse clients without a certificate signed by ca-cert.pem
+                          (Node and Bun).
   --dump-config           Print the server's configuration and exit.
   -V, --version           Print the version and exit.
 `;
@@ -77,19 +88,66 @@ async function loadPlugin(name: string): Promise<Plugin<unknown>> {
   if ((await runtime.stat(path)) === null) {
     throw new Error(`cannot open plugin '${name}': ${path}: No such file or directory`);
   }
-  const mod = await runtime.importModule(path);
+  let mod: Record<string, unknown>;
+  try {
+    mod = await runtime.importModule(path);
+  } catch (err) {
+    throw new Error(`cannot open plugin '${name}': ${importFailure(err)}`);
+  }
   const plugin = (mod.default ?? mod.plugin) as Plugin<unknown> | undefined;
-  if (!plugin || typeof plugin !== "object" || typeof plugin.name !== "string") {
+  if (typeof plugin === "function") {
+    throw new Error(
+      `cannot open plugin '${name}': its default export is a function, not a plugin ` +
+        `(export the plugin object: export default definePlugin({ … }))`,
+    );
+  }
+  if (!plugin || typeof plugin !== "object") {
     throw new Error(
       `cannot open plugin '${name}': the module has no default export that is a plugin`,
     );
   }
-  for (const required of ["open", "getSize", "pread"] as const) {
-    if (typeof plugin[required] !== "function") {
-      throw new Error(`plugin '${plugin.name}' must define ${required}()`);
-    }
+  if (typeof plugin.name !== "string" || plugin.name === "") {
+    throw new Error(`cannot open plugin '${name}': the plugin has no name (a string)`);
+  }
+  const missing = (["open", "getSize", "pread"] as const)
+    .filter((callback) => typeof plugin[callback] !== "function");
+  if (missing.length > 0) {
+    throw new Error(
+      `cannot open plugin '${name}': plugin '${plugin.name}' must define ` +
+        `${missing.map((m) => `${m}()`).join(", ")} (every plugin has open, getSize and pread)`,
+    );
   }
   return plugin;
+}
+
+/**
+ * Why a plugin module could not be imported, on one line, whatever the
+ * runtime's wording: without Deno's colours and code frame, with the place
+ * of Bun's first syntax error, with advice where Node cannot load TypeScript.
+ */
+function importFailure(err: unknown): string {
+  const first = err instanceof AggregateError && err.errors.length > 0 ? err.errors[0] : err;
+  const e = first as {
+    name?: unknown;
+    code?: unknown;
+    message?: unknown;
+    position?: { file?: string; line?: number; column?: number } | null;
+  } | null;
+  if (e?.code === "ERR_UNKNOWN_FILE_EXTENSION" && /\.[mc]?ts\b/.test(String(e.message))) {
+    return "this Node cannot import TypeScript: compile the plugin to JavaScript, use " +
+      "Node 22.18 or later (which strips types), or run nbdkit-ts on Deno or Bun";
+  }
+  let text = typeof e?.message === "string" ? e.message : String(first);
+  if (e?.name === "SyntaxError" && !text.startsWith("SyntaxError")) text = `SyntaxError: ${text}`;
+  if (e?.position?.file) text += ` at ${e.position.file}:${e.position.line}:${e.position.column}`;
+  return text
+    // deno-lint-ignore no-control-regex
+    .replace(/\x1b\[[0-9;]*m/g, "")
+    .split("\n")
+    .filter((line) => !/^\s*\d*\s*\|/.test(line))
+    .join(" ")
+    .replace(/\s+/g, " ")
+    .trim();
 }
 
 function dumpPlugin(plugin: Plugin<unknown>, name: string): string {
@@ -146,6 +204,8 @@ function dumpConfig(): string {
     `runtime_version=${runtime.version}`,
     `plugins=${Object.keys(BUILTIN_PLUGINS).join(" ")}`,
     `max_request_size=${64 * 1024 * 1024}`,
+    `root_tls_certificates_dir=/etc/pki/nbdkit`,
+    `tls=yes`,
   ].join("\n") + "\n";
 }
 
@@ -179,9 +239,15 @@ function checkCombinations(args: CliArgs): void {
   if (args.unixSocket === "-" && args.run === undefined && !args.printUri) {
     throw new UsageError("-U - requires --run or --print-uri (the socket name is private)");
   }
-  if (args.tls !== "off" || args.tlsCertificates || args.tlsPsk || args.tlsVerifyPeer) {
-    throw new UsageError("TLS is not available in this version of nbdkit-ts (use --tls=off)");
+}
+
+/** Whether `--tls` itself is on the command line (`args.tls` is "off" either way). */
+function tlsOptionGiven(argv: string[]): boolean {
+  for (const arg of argv) {
+    if (arg === "--") return false;
+    if (arg === "--tls" || arg.startsWith("--tls=")) return true;
   }
+  return false;
 }
 
 /** Go to the background: start ourselves again in the foreground, detached, and wait until it listens. */
@@ -246,6 +312,20 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
 
+  let tls: TlsConfig | null;
+  try {
+    tls = await loadTls({
+      // Absent --tls is not --tls=off: nbdkit then turns TLS on if it has credentials.
+      mode: args.tls === "off" && !tlsOptionGiven(argv) ? undefined : args.tls,
+      certificates: args.tlsCertificates,
+      psk: args.tlsPsk,
+      verifyPeer: args.tlsVerifyPeer,
+    });
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
+
   try {
     await configure(plugin, args);
   } catch (err) {
@@ -278,6 +358,7 @@ export async function main(argv: string[]): Promise<number> {
       metaContexts: !args.noMc,
       maskHandshake: args.maskHandshake,
       handshakeTimeout: args.timeout,
+      tls: tls ?? undefined,
     });
   } catch (err) {
     say(`error: ${messageOf(err)}`);
@@ -285,7 +366,9 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
-  const uri = server.address ? uriOf(server.address, args.exportName) : "";
+  let uri = server.address ? uriOf(server.address, args.exportName) : "";
+  // As nbdkit: nbds:// only when TLS is required (with --tls=on a client may use either).
+  if (tls?.required) uri = uri.replace(/^nbd(\+unix)?:/, "nbds$1:");
   let stopping: Promise<void> | null = null;
   const stop = () => {
     stopping ??= (async () => {
@@ -324,7 +407,7 @@ export async function main(argv: string[]): Promise<number> {
       exportname: args.exportName,
       unixsocket: address.transport === "unix" ? address.path : "",
       port: address.transport === "tcp" ? String(address.port) : "",
-      tls: "0",
+      tls: String(tlsLevel(tls)),
     };
     let status: number;
     try {

@@ -6,19 +6,32 @@
  */
 import { ByteReader, EndOfStream } from "../protocol/byte_reader.ts";
 import { NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES } from "../protocol/constants.ts";
-import { handshake, type TlsUpgrade } from "../protocol/handshake.ts";
+import { handshake } from "../protocol/handshake.ts";
 import type { ExportSession } from "../protocol/session.ts";
 import { transmission } from "../protocol/transmission.ts";
 import { ProtocolError } from "../protocol/wire.ts";
-import { messageOf } from "../plugins/errors.ts";
+// Never throws, whatever a plugin threw (an exception in a catch block here
+// would be an unhandled rejection, which ends the process).
+import { safeMessage as messageOf } from "../protocol/thrown.ts";
 import type { Plugin } from "../plugins/plugin.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";
 import { pluginProvider } from "./backend.ts";
 import { Logger } from "./log.ts";
 import { Mutex } from "./mutex.ts";
+import { type TlsConfig, tlsUpgrade } from "./tls.ts";
 
-/** Where and how to serve. */
+/**
+ * Where and how to serve: the listening address and the command line's
+ * server options (`-U`, `-p`, `-i`, `-s`, `-r`, `-e`, `-t`, `--no-sr`, …).
+ *
+ * @example Read-only on a free port of the loopback address
+ * ```ts
+ * import type { ServeOptions } from "./serve.ts";
+ * const options: ServeOptions = { hostname: "127.0.0.1", port: 0, readonly: true };
+ * console.assert(options.unixSocket === undefined);
+ * ```
+ */
 export interface ServeOptions {
   /** Listen on this Unix socket path. */
   unixSocket?: string;
@@ -42,11 +55,26 @@ export interface ServeOptions {
   maskHandshake?: number;
   /** Seconds a client may take to finish the handshake (60). */
   handshakeTimeout?: number;
-  /** TLS, from `server/tls.ts`. */
-  tls?: TlsUpgrade;
+  /**
+   * TLS (`loadTls` in `server/tls.ts`); absent: STARTTLS is refused, as with `--tls=off`.
+   *
+   * @internal Not in the public API (mod.ts) until TLS's own types are.
+   */
+  tls?: TlsConfig;
 }
 
-/** A running server. */
+/**
+ * A running server.
+ *
+ * @example Wait for a server to stop, from elsewhere in the program
+ * ```ts
+ * import { createNullPlugin, serve } from "../mod.ts";
+ * const server = await serve(createNullPlugin(), { hostname: "127.0.0.1", port: 0 });
+ * server.finished.then(() => console.log("stopped"));
+ * console.assert(server.connections === 0);
+ * await server.close();
+ * ```
+ */
 export interface Server {
   /** Where it listens (null with `stdio`). */
   readonly address: ListenAddress | null;
@@ -61,7 +89,7 @@ export interface Server {
   close(): Promise<void>;
 }
 
-/** The default NBD port. */
+/** The default NBD port (IANA's), where a server listens without `port` or `unixSocket`. */
 export const NBD_DEFAULT_PORT = 10809;
 
 /** `serialize_connections`: one connection at a time, server wide. */
@@ -69,20 +97,30 @@ const connectionLock = new Mutex();
 
 /**
  * Serve a plugin that is already configured (`config`, `configComplete`
- * done). Calls `getReady`, listens, and returns once listening.
+ * done). Calls `getReady`, listens, and returns once listening. This is
+ * what the command line and {@linkcode serve} (in mod.ts, which configures
+ * the plugin first) use.
  *
  * @param plugin The plugin.
  * @param options Where and how.
  * @returns The running server.
  *
  * @example Serve a RAM disk on a Unix socket
- * ```ts ignore
- * import { serve } from "../mod.ts";
- * import memory from "../plugins/memory.ts";
+ * ```ts
+ * import { startServer } from "./serve.ts";
+ * import { createMemoryPlugin } from "../plugins/memory.ts";
+ * import { mkdtempSync, rmSync } from "node:fs";
+ * import { tmpdir } from "node:os";
+ * import { join } from "node:path";
+ *
+ * const memory = createMemoryPlugin();
  * await memory.config!("size", "1G");
- * const server = await serve(memory, { unixSocket: "/tmp/nbd.sock" });
- * // … nbdinfo nbd+unix:///?socket=/tmp/nbd.sock
+ * await memory.configComplete!();
+ * const dir = mkdtempSync(join(tmpdir(), "doc-"));
+ * const server = await startServer(memory, { unixSocket: join(dir, "nbd.sock") });
+ * // nbdinfo "nbd+unix:///?socket=$dir/nbd.sock" sees a 1 GiB disk
  * await server.close();
+ * rmSync(dir, { recursive: true });
  * ```
  */
 export async function startServer<H>(
@@ -91,8 +129,20 @@ export async function startServer<H>(
 ): Promise<Server> {
   await plugin.getReady?.();
   const log = new Logger();
-  const active = new Set<{ conn: Connection; reader: ByteReader; done: Promise<void> }>();
+  /**
+   * A client. `stop` ends its reading (the transmission loop then finishes
+   * what is in flight); STARTTLS changes `stop` and sets `secure`.
+   */
+  type Entry = {
+    conn: Connection;
+    secure?: Connection;
+    stop: () => Promise<void>;
+    done: Promise<void>;
+  };
+  const active = new Set<Entry>();
   let shuttingDown = false;
+  /** Aborted by `close()`: each transmission loop then drains (see `stopSignal`). */
+  const stopping = new AbortController();
   let counter = 0;
   let listener: Listener | null = null;
   let resolveFinished!: () => void;
@@ -105,7 +155,8 @@ export async function startServer<H>(
   const handshakeFlags = (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES) &
     (options.maskHandshake ?? 0xffff);
 
-  const handle = async (conn: Connection, reader: ByteReader): Promise<void> => {
+  const handle = async (entry: Entry, reader: ByteReader): Promise<void> => {
+    const { conn } = entry;
     const id = ++counter;
     const clog = new Logger(`${plugin.name}[${id}]`);
     const release = plugin.threadModel === "serialize_connections"
@@ -114,9 +165,12 @@ export async function startServer<H>(
     let session: ExportSession | null = null;
     let writer: WritableStreamDefaultWriter<Uint8Array> | null = null;
     const timeoutMs = (options.handshakeTimeout ?? 60) * 1000;
+    /** We closed the connection (timeout, shutdown): what fails next is no news. */
+    let hungUp = false;
     const timer = timeoutMs > 0
       ? setTimeout(() => {
         clog.error(`client did not finish the handshake within ${timeoutMs / 1000} seconds`);
+        hungUp = true;
         conn.close();
       }, timeoutMs)
       : undefined;
@@ -130,13 +184,33 @@ export async function startServer<H>(
           structuredReplies: options.structuredReplies ?? true,
           metaContexts: options.metaContexts ?? true,
           handshakeFlags,
-          tls: options.tls,
+          tls: options.tls
+            ? tlsUpgrade(options.tls, conn, {
+              starting() {
+                // Mid-handshake there is no reader to cancel.
+                entry.stop = () => {
+                  hungUp = true;
+                  conn.close();
+                  return Promise.resolve();
+                };
+              },
+              secure(secure, secureReader) {
+                entry.secure = secure;
+                entry.stop = () => secureReader.cancel();
+              },
+            })
+            : undefined,
           debug: (m) => clog.debug(m),
           error: (m) => clog.error(m),
         },
       );
       clearTimeout(timer);
       if (!negotiated) return;
+      // From here `close()` must not cancel the reader: requests the client
+      // has already sent would be lost with the connection. The stop signal
+      // makes the transmission loop answer them with ESHUTDOWN, finish what
+      // is in flight, and then stop reading by itself.
+      entry.stop = () => Promise.resolve();
       session = negotiated.session;
       writer = negotiated.writer;
       await transmission(negotiated.reader, negotiated.writer, session, {
@@ -146,9 +220,11 @@ export async function startServer<H>(
         error: (m) => clog.error(m),
         debug: (m) => clog.debug(m),
         shuttingDown: () => shuttingDown,
+        stopSignal: stopping.signal,
       });
     } catch (err) {
       if (err instanceof EndOfStream) clog.debug(`client closed the connection: ${err.message}`);
+      else if (hungUp) clog.debug(`connection closed by the server: ${messageOf(err)}`);
       else if (err instanceof ProtocolError) clog.error(err.message);
       else clog.error(messageOf(err));
     } finally {
@@ -165,6 +241,7 @@ export async function startServer<H>(
       } catch {
         // the peer is gone
       }
+      entry.secure?.close();
       conn.close();
       release?.();
     }
@@ -176,8 +253,8 @@ export async function startServer<H>(
       return;
     }
     const reader = new ByteReader(conn.readable);
-    const entry = { conn, reader, done: Promise.resolve() };
-    entry.done = handle(conn, reader).finally(() => active.delete(entry));
+    const entry: Entry = { conn, stop: () => reader.cancel(), done: Promise.resolve() };
+    entry.done = handle(entry, reader).finally(() => active.delete(entry));
     active.add(entry);
   };
 
@@ -193,9 +270,11 @@ export async function startServer<H>(
   const close = (): Promise<void> => {
     closing ??= (async () => {
       shuttingDown = true;
+      stopping.abort();
       listener?.close();
-      // Ending the readers lets each transmission loop finish what is in flight.
-      await Promise.all([...active].map((e) => e.reader.cancel()));
+      // Connections still in the handshake are closed; those in transmission
+      // finish what is in flight and answer later requests with ESHUTDOWN.
+      await Promise.all([...active].map((e) => e.stop()));
       await Promise.all([...active].map((e) => e.done));
       try {
         await plugin.unload?.();
