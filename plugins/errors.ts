@@ -4,7 +4,17 @@
  * @module
  */
 
-/** The errno names a plugin may send to the client. */
+/**
+ * The errno names a plugin may send to the client (those the NBD protocol
+ * defines).
+ *
+ * @example Choosing the errno from what went wrong
+ * ```ts
+ * import type { Errno } from "./errors.ts";
+ * const errnoFor = (cause: string): Errno => cause === "full" ? "ENOSPC" : "EIO";
+ * console.assert(errnoFor("full") === "ENOSPC");
+ * ```
+ */
 export type Errno =
   | "EPERM"
   | "EIO"
@@ -15,7 +25,15 @@ export type Errno =
   | "ENOTSUP"
   | "ESHUTDOWN";
 
-/** The wire value of each errno (NBD's numbering, which is Linux's). */
+/**
+ * The wire value of each errno (NBD's numbering, which is Linux's).
+ *
+ * @example
+ * ```ts
+ * import { ERRNO_VALUES } from "./errors.ts";
+ * console.assert(ERRNO_VALUES.EPERM === 1 && ERRNO_VALUES.ENOSPC === 28);
+ * ```
+ */
 export const ERRNO_VALUES: Readonly<Record<Errno, number>> = {
   EPERM: 1,
   EIO: 5,
@@ -28,14 +46,31 @@ export const ERRNO_VALUES: Readonly<Record<Errno, number>> = {
 };
 
 /**
- * An error with an errno. The server logs the message on stderr and sends
- * the client only the errno; any other thrown value becomes EIO.
+ * An error with an errno. The server logs the message on stderr (as
+ * `nbdkit-ts: PLUGIN[N]: error: MESSAGE`) and sends the client only the
+ * errno; any other thrown value becomes EIO.
  *
  * @example Refusing a request
  * ```ts
  * import { NbdError } from "./errors.ts";
  * const err = new NbdError("ENOSPC", "The disk is full");
  * console.assert(err.errno === "ENOSPC");
+ * ```
+ *
+ * @example In a plugin: refuse writes past a quota, keeping the cause
+ * ```ts
+ * import { NbdError } from "./errors.ts";
+ * const quota = 1024 * 1024;
+ * function pwrite(buf: Uint8Array, offset: number): void {
+ *   if (offset + buf.length > quota) {
+ *     throw new NbdError("ENOSPC", `over the quota of ${quota} bytes: offset ${offset}`);
+ *   }
+ * }
+ * try {
+ *   pwrite(new Uint8Array(512), quota);
+ * } catch (err) {
+ *   console.assert(err instanceof NbdError && err.errno === "ENOSPC");
+ * }
  * ```
  */
 export class NbdError extends Error {
@@ -47,6 +82,7 @@ export class NbdError extends Error {
    *
    * @param errno The errno the client receives.
    * @param message The message logged on the server's stderr.
+   * @param options `cause`: the error behind this one.
    */
   constructor(errno: Errno, message: string, options?: ErrorOptions) {
     super(message, options);
@@ -60,9 +96,23 @@ export class NbdError extends Error {
  *
  * @param err Whatever was thrown.
  * @returns The errno name.
+ *
+ * @example
+ * ```ts
+ * import { errnoOf, NbdError } from "./errors.ts";
+ * console.assert(errnoOf(new NbdError("EPERM", "read-only")) === "EPERM");
+ * console.assert(errnoOf(new TypeError("oops")) === "EIO");
+ * ```
  */
 export function errnoOf(err: unknown): Errno {
-  return err instanceof NbdError ? err.errno : "EIO";
+  if (err instanceof NbdError) return err.errno;
+  // A plugin may import another copy of this module (its own nbdkit-ts from
+  // npm, say): recognise the error by its shape, not its class.
+  if (typeof err === "object" && err !== null && (err as Error).name === "NbdError") {
+    const errno = (err as { errno?: unknown }).errno;
+    if (typeof errno === "string" && Object.hasOwn(ERRNO_VALUES, errno)) return errno as Errno;
+  }
+  return "EIO";
 }
 
 /**
@@ -70,6 +120,13 @@ export function errnoOf(err: unknown): Errno {
  *
  * @param err Whatever was thrown.
  * @returns A message without line breaks.
+ *
+ * @example
+ * ```ts
+ * import { messageOf } from "./errors.ts";
+ * console.assert(messageOf(new Error("first\n  second")) === "first second");
+ * console.assert(messageOf("a string") === "a string");
+ * ```
  */
 export function messageOf(err: unknown): string {
   const text = err instanceof Error ? err.message : String(err);

@@ -14,8 +14,38 @@
  * before it calls a plugin, and answers EOVERFLOW otherwise. Sizes may be
  * `bigint` so that an export can be larger than 2^53 bytes.
  *
+ * The lifecycle, as nbdkit's: `config` for each `key=value`, in order;
+ * `configComplete` (check the required keys); `getReady` (global
+ * resources); then per connection `open` … `close`; `unload` when the
+ * server stops.
+ *
  * Errors: throw an {@linkcode NbdError} to choose the errno the client sees;
  * anything else thrown becomes EIO. The server logs the message once.
+ *
+ * @example A read-only disk of a repeating byte, in a module of its own
+ * ```ts
+ * // fill.ts: nbdkit-ts ./fill.ts size=1G byte=0xaa
+ * import { definePlugin, parseSize } from "../mod.ts";
+ *
+ * let size = -1n;
+ * let byte = 0;
+ *
+ * export default definePlugin({
+ *   name: "fill",
+ *   configHelp: "size=<SIZE> (required), byte=<N> (default 0)",
+ *   config(key, value) {
+ *     if (key === "size") size = parseSize(value);
+ *     else if (key === "byte") byte = Number(value);
+ *     else throw new Error(`unknown parameter '${key}'`);
+ *   },
+ *   configComplete() {
+ *     if (size < 0n) throw new Error("you must specify size=<SIZE> on the command line");
+ *   },
+ *   open: () => null,
+ *   getSize: () => size,
+ *   pread: (_h, buf) => void buf.fill(byte),
+ * });
+ * ```
  *
  * @module
  */
@@ -27,6 +57,22 @@
  * - `serialize_all_requests`: one request at a time across all connections.
  * - `serialize_requests`: one request at a time per connection.
  * - `parallel`: requests overlap freely (the default).
+ *
+ * @example A plugin whose handle is not safe to use twice at once
+ * ```ts
+ * import { definePlugin } from "./plugin.ts";
+ * const plugin = definePlugin({
+ *   name: "one-at-a-time",
+ *   threadModel: "serialize_requests",
+ *   open: () => ({ busy: false }),
+ *   getSize: () => 512,
+ *   pread(h, buf) {
+ *     console.assert(!h.busy); // never two calls at once on one connection
+ *     buf.fill(0);
+ *   },
+ * });
+ * console.assert(plugin.threadModel === "serialize_requests");
+ * ```
  */
 export type ThreadModel =
   | "serialize_connections"
@@ -34,10 +80,52 @@ export type ThreadModel =
   | "serialize_requests"
   | "parallel";
 
-/** How FUA (force unit access) or CACHE is provided: not at all, emulated by the server, or by the plugin. */
+/**
+ * How FUA (force unit access) or CACHE is provided: not at all, emulated by
+ * the server, or by the plugin.
+ *
+ * @example A plugin that honours FUA in `pwrite` itself
+ * ```ts
+ * import { definePlugin } from "./plugin.ts";
+ * const disk = new Uint8Array(4096);
+ * const plugin = definePlugin({
+ *   name: "fua",
+ *   open: () => null,
+ *   getSize: () => disk.length,
+ *   pread: (_h, buf, offset) => void buf.set(disk.subarray(offset, offset + buf.length)),
+ *   pwrite: (_h, buf, offset, flags) => {
+ *     disk.set(buf, offset);
+ *     // With flags.fua, make this write durable before returning.
+ *   },
+ *   canFua: () => "native",
+ * });
+ * console.assert(plugin.canFua!(null) === "native");
+ * ```
+ */
 export type SupportMode = "none" | "emulate" | "native";
 
-/** One export offered by {@linkcode Plugin.listExports}. */
+/**
+ * One export offered by {@linkcode Plugin.listExports}.
+ *
+ * @example Two exports, chosen by name in `open`
+ * ```ts
+ * import { definePlugin } from "./plugin.ts";
+ * const disks: Record<string, Uint8Array> = { small: new Uint8Array(512), big: new Uint8Array(4096) };
+ * const plugin = definePlugin({
+ *   name: "two",
+ *   listExports: () => [
+ *     { name: "small", description: "512 bytes" },
+ *     { name: "big", description: "4 KiB" },
+ *   ],
+ *   defaultExport: () => "small",
+ *   open: ({ exportName }) => disks[exportName || "small"],
+ *   getSize: (d) => d.length,
+ *   pread: (d, buf, offset) => void buf.set(d.subarray(offset, offset + buf.length)),
+ * });
+ * const exports = await plugin.listExports!({ readonly: false, tls: false });
+ * console.assert(exports.length === 2);
+ * ```
+ */
 export interface ExportInfo {
   /** The export name the client asks for. */
   name: string;
@@ -45,7 +133,16 @@ export interface ExportInfo {
   description?: string;
 }
 
-/** Block size constraints of an export (all in bytes, powers of two). */
+/**
+ * Block size constraints of an export (all in bytes, powers of two).
+ *
+ * @example A disk that works in 4 KiB sectors
+ * ```ts
+ * import type { BlockSize } from "./plugin.ts";
+ * const sectors: BlockSize = { minimum: 4096, preferred: 65536, maximum: 32 * 1024 * 1024 };
+ * console.assert(sectors.minimum <= sectors.preferred);
+ * ```
+ */
 export interface BlockSize {
   /** The smallest request size the export supports. */
   minimum: number;
@@ -55,9 +152,20 @@ export interface BlockSize {
   maximum: number;
 }
 
-/** What the server tells a plugin when a client connects. */
+/**
+ * What the server tells a plugin when a client connects.
+ *
+ * @example Open a file read-only when the connection is
+ * ```ts
+ * import type { OpenContext } from "./plugin.ts";
+ * function open(ctx: OpenContext) {
+ *   return { mode: ctx.readonly ? "r" : "r+", name: ctx.exportName, id: ctx.connection };
+ * }
+ * console.assert(open({ readonly: true, exportName: "", tls: false, connection: 1 }).mode === "r");
+ * ```
+ */
 export interface OpenContext {
-  /** True when the connection must not write (`-r`, or the plugin cannot). */
+  /** True when the server is read-only (`-r`): open files read-only then. */
   readonly: boolean;
   /** The export name the client asked for ("" is the default export). */
   exportName: string;
@@ -67,7 +175,17 @@ export interface OpenContext {
   connection: number;
 }
 
-/** What the server tells {@linkcode Plugin.listExports}. */
+/**
+ * What the server tells {@linkcode Plugin.listExports}.
+ *
+ * @example Hide writable exports from a read-only server
+ * ```ts
+ * import type { ExportInfo, ListContext } from "./plugin.ts";
+ * const listExports = (ctx: ListContext): ExportInfo[] =>
+ *   ctx.readonly ? [{ name: "snapshot" }] : [{ name: "snapshot" }, { name: "live" }];
+ * console.assert(listExports({ readonly: true, tls: false }).length === 1);
+ * ```
+ */
 export interface ListContext {
   /** True when the server runs read-only. */
   readonly: boolean;
@@ -75,13 +193,35 @@ export interface ListContext {
   tls: boolean;
 }
 
-/** Flags of a write. */
+/**
+ * Flags of a write (and of a trim).
+ *
+ * @example
+ * ```ts
+ * import type { WriteFlags } from "./plugin.ts";
+ * const flags: WriteFlags = { fua: true }; // the client asked for NBD_CMD_FLAG_FUA
+ * console.assert(flags.fua);
+ * ```
+ */
 export interface WriteFlags {
   /** Force unit access: the data must be on stable storage before returning. */
   fua: boolean;
 }
 
-/** Flags of a zero request. */
+/**
+ * Flags of a zero request.
+ *
+ * @example A `zero` that is fast only when it may punch a hole
+ * ```ts
+ * import { NbdError } from "./errors.ts";
+ * import type { ZeroFlags } from "./plugin.ts";
+ * function zero(count: number, offset: number, flags: ZeroFlags): void {
+ *   if (flags.fastZero && !flags.mayTrim) throw new NbdError("ENOTSUP", "zeroing would be slow");
+ *   // … punch a hole, or write zeroes, over count bytes at offset
+ * }
+ * zero(4096, 0, { fua: false, mayTrim: true, fastZero: true });
+ * ```
+ */
 export interface ZeroFlags {
   /** Force unit access. */
   fua: boolean;
@@ -91,28 +231,82 @@ export interface ZeroFlags {
   fastZero: boolean;
 }
 
-/** Flags of an extents query. */
+/**
+ * Flags of an extents query.
+ *
+ * @example
+ * ```ts
+ * import type { ExtentsFlags } from "./plugin.ts";
+ * const flags: ExtentsFlags = { reqOne: true }; // reporting the first extent is enough
+ * console.assert(flags.reqOne);
+ * ```
+ */
 export interface ExtentsFlags {
   /** The client wants one extent only (the first). */
   reqOne: boolean;
 }
 
-/** Extent type flag: the range is not allocated. */
+/**
+ * Extent type flag: the range is not allocated (a hole).
+ *
+ * @example
+ * ```ts
+ * import { EXTENT_HOLE, EXTENT_ZERO } from "./plugin.ts";
+ * const sparse = EXTENT_HOLE | EXTENT_ZERO; // a hole that reads as zeroes
+ * console.assert(sparse === 3);
+ * ```
+ */
 export const EXTENT_HOLE = 1;
-/** Extent type flag: the range reads as zeroes. */
+/**
+ * Extent type flag: the range reads as zeroes.
+ *
+ * @example
+ * ```ts
+ * import { EXTENT_ZERO } from "./plugin.ts";
+ * const preallocatedZeroes = EXTENT_ZERO; // allocated, but known to read as zeroes
+ * console.assert(preallocatedZeroes === 2);
+ * ```
+ */
 export const EXTENT_ZERO = 2;
 
 /**
  * Where a plugin reports extents, from `offset` upwards, in order, without
  * gaps. `type` is a combination of {@linkcode EXTENT_HOLE} and
  * {@linkcode EXTENT_ZERO} (0 for allocated data).
+ *
+ * @example An `extents` callback: data in the first MiB, a hole after it
+ * ```ts
+ * import { EXTENT_HOLE, EXTENT_ZERO, type ExtentSink } from "./plugin.ts";
+ * const MiB = 1024 * 1024;
+ * function extents(count: number, offset: number, sink: ExtentSink): void {
+ *   const end = offset + count;
+ *   if (offset < MiB) sink.add(offset, Math.min(end, MiB) - offset, 0);
+ *   if (end > MiB) {
+ *     const start = Math.max(offset, MiB);
+ *     sink.add(start, end - start, EXTENT_HOLE | EXTENT_ZERO);
+ *   }
+ * }
+ * const seen: number[][] = [];
+ * extents(2 * MiB, 0, { add: (o, l, t) => void seen.push([o, l, t]) });
+ * console.assert(seen.length === 2 && seen[1][2] === 3);
+ * ```
  */
 export interface ExtentSink {
   /** Report that `length` bytes at `offset` have the given type. */
   add(offset: number, length: number, type: number): void;
 }
 
-/** A value or a promise of it: every callback may be synchronous or async. */
+/**
+ * A value or a promise of it: every callback may be synchronous or async.
+ *
+ * @example
+ * ```ts
+ * import type { Awaitable } from "./plugin.ts";
+ * const now: Awaitable<number> = 4096;
+ * const later: Awaitable<number> = Promise.resolve(4096);
+ * console.assert(now === await later);
+ * ```
+ */
 export type Awaitable<T> = T | Promise<T>;
 
 /**
@@ -158,12 +352,17 @@ export interface Plugin<H = unknown> {
   /** The canonical name of the default export "". */
   defaultExport?(ctx: ListContext): Awaitable<string>;
 
-  /** A client chose an export: return the connection's handle. */
+  /**
+   * A client chose an export: return the handle that every later callback of
+   * the connection gets. Throwing refuses the client. A client's
+   * `NBD_OPT_INFO` opens a handle and closes it again, so this may run more
+   * than once per connection.
+   */
   open(ctx: OpenContext): Awaitable<H>;
-  /** The connection ends. */
+  /** The handle is done with (the connection ends): release what `open` took. */
   close?(h: H): Awaitable<void>;
 
-  /** The export's size in bytes. */
+  /** The export's size in bytes, asked once per handle, after `open`. */
   getSize(h: H): Awaitable<number | bigint>;
   /** A description of the export (`NBD_INFO_DESCRIPTION`). */
   exportDescription?(h: H): Awaitable<string | undefined>;
@@ -191,9 +390,15 @@ export interface Plugin<H = unknown> {
   /** Whether `extents` answers; defaults to whether `extents` exists. */
   canExtents?(h: H): Awaitable<boolean>;
 
-  /** Fill `buf` with the bytes at `offset`. */
+  /**
+   * Fill all of `buf` with the bytes at `offset` (the server has checked
+   * that the range is within the size). Throw rather than leave it short.
+   */
   pread(h: H, buf: Uint8Array, offset: number): Awaitable<void>;
-  /** Write `buf` at `offset`. The server owns `buf` again once this settles. */
+  /**
+   * Write all of `buf` at `offset` (within the size). The server owns `buf`
+   * again once this settles: copy what you keep.
+   */
   pwrite?(h: H, buf: Uint8Array, offset: number, flags: WriteFlags): Awaitable<void>;
   /** Make every completed write durable. */
   flush?(h: H): Awaitable<void>;

@@ -21,7 +21,15 @@ const SUFFIX_SHIFT: Record<string, bigint> = {
   E: 60n,
 };
 
-/** The largest size: nbdkit's, INT64_MAX. */
+/**
+ * The largest size: nbdkit's, INT64_MAX.
+ *
+ * @example
+ * ```ts
+ * import { MAX_SIZE, parseSize } from "./size.ts";
+ * console.assert(parseSize("9223372036854775807") === MAX_SIZE);
+ * ```
+ */
 export const MAX_SIZE: bigint = (1n << 63n) - 1n;
 
 /**
@@ -36,6 +44,7 @@ export const MAX_SIZE: bigint = (1n << 63n) - 1n;
  * @example
  * ```ts
  * import { parseSize } from "./size.ts";
+ * // In a plugin's config: size = parseSize(value)
  * console.assert(parseSize("1G") === 1073741824n);
  * console.assert(parseSize("4k") === 4096n);
  * console.assert(parseSize("2s") === 1024n);
@@ -63,6 +72,14 @@ export function parseSize(text: string): bigint {
  *
  * @param bytes A byte count.
  * @returns A short human readable text.
+ *
+ * @example
+ * ```ts
+ * import { formatSize } from "./size.ts";
+ * console.assert(formatSize(1073741824) === "1 GiB");
+ * console.assert(formatSize(1536n * 1024n) === "1.5 MiB");
+ * console.assert(formatSize(512) === "512 B");
+ * ```
  */
 export function formatSize(bytes: number | bigint): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

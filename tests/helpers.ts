@@ -12,9 +12,6 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-/** The repository's root folder. */
-export const ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
-
 /**
  * The environment for clients: Debian's python3 first (for nbdsh and the nbd
  * module), `NBDKIT_TS` set to our command line so `--run` scripts can call it.
@@ -36,6 +33,23 @@ function whichRuntime(): "deno" | "bun" | "node" {
 export const RUNTIME: "deno" | "bun" | "node" = whichRuntime();
 
 /**
+ * The repository's root folder. On Node the tests run compiled, from
+ * `npm/.test-build/tests/` (see npm/build.ts).
+ */
+export const REPO: string = join(
+  dirname(fileURLToPath(import.meta.url)),
+  RUNTIME === "node" ? "../../.." : "..",
+);
+
+/**
+ * The root of the code our server runs: the repository on Deno and Bun; on
+ * Node the npm build, `npm/dist/esm/`, where each `X.ts` of the repository is
+ * `X.js` (a plugin importing `${ROOT}/mod.ts` gets the built `mod.js` there:
+ * runtime/node_ts_hooks.ts).
+ */
+export const ROOT: string = RUNTIME === "node" ? join(REPO, "npm", "dist", "esm") : REPO;
+
+/**
  * The argv that starts our command line on the runtime running the tests.
  * `NBDKIT_TS_CMD` (a JSON array) overrides it, e.g. to test a compiled binary.
  */
@@ -48,7 +62,7 @@ export function ourCommand(): string[] {
     case "bun":
       return [process.execPath, join(ROOT, "cli.ts")];
     case "node":
-      return [process.execPath, join(ROOT, "npm", "dist", "esm", "cli.js")];
+      return [process.execPath, join(ROOT, "cli.js")];
   }
 }
 

@@ -1,0 +1,224 @@
+/**
+ * `serve()`: an NBD server embedded in the test's own process, driven by
+ * real clients (nbdinfo, nbdsh) run as async child processes — a
+ * synchronous spawn would block the event loop the server runs on.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { definePlugin, EXTENT_HOLE, EXTENT_ZERO, NbdError, type Plugin, serve } from "../mod.ts";
+import { requireTool, run, scratch } from "./helpers.ts";
+
+/** nbdsh's Python, run against `uri`; its stdout, trimmed (fails on a non-zero exit). */
+async function nbdsh(uri: string, python: string, options: string[] = []): Promise<string> {
+  const r = await run(["nbdsh", ...options, "-u", uri, "-c", python]);
+  assert.equal(r.status, 0, `nbdsh: ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+/** `nbdinfo --json` of the first export. */
+async function nbdinfo(uri: string): Promise<Record<string, unknown>> {
+  const r = await run(["nbdinfo", "--json", uri]);
+  assert.equal(r.status, 0, `nbdinfo: ${r.stderr}`);
+  return JSON.parse(r.stdout).exports[0];
+}
+
+/** Python that prints the errno name of a failing call, or "ok". */
+const errnoOf = (call: string) =>
+  `import errno\ntry:\n  ${call}\n  print("ok")\nexcept nbd.Error as e:\n  print(errno.errorcode[e.errnum])`;
+
+/** A RAM disk with a `size` parameter that records its lifecycle. */
+function ramdisk() {
+  const calls: string[] = [];
+  let disk = new Uint8Array(0);
+  const plugin = definePlugin({
+    name: "ramdisk",
+    config(key, value) {
+      if (key !== "size") throw new Error(`unknown parameter '${key}'`);
+      disk = new Uint8Array(Number(value));
+      calls.push(`config ${key}=${value}`);
+    },
+    configComplete: () => void calls.push("configComplete"),
+    getReady: () => void calls.push("getReady"),
+    unload: () => void calls.push("unload"),
+    open: ({ exportName }) => ({ disk, exportName }),
+    getSize: (h) => h.disk.length,
+    pread: (h, buf, offset) => void buf.set(h.disk.subarray(offset, offset + buf.length)),
+    pwrite(h, buf, offset) {
+      if (buf[0] === 0xee) throw new NbdError("ENOSPC", "refusing a write of 0xee");
+      h.disk.set(buf, offset);
+    },
+  });
+  return { plugin, calls, disk: () => disk };
+}
+
+describe("serve(): an NBD server inside your program", () => {
+  let dir: string;
+  let cleanup: () => void;
+
+  before(() => {
+    for (const tool of ["nbdinfo", "nbdsh"]) requireTool(tool);
+    ({ dir, cleanup } = scratch());
+  });
+  after(() => cleanup());
+
+  test("a definePlugin plugin on a Unix socket; close() removes the socket and unloads", async () => {
+    const { plugin, calls, disk } = ramdisk();
+    const socket = join(dir, "ram.sock");
+    const server = await serve(plugin, { unixSocket: socket, config: { size: "65536" } });
+    try {
+      assert.deepEqual(calls, ["config size=65536", "configComplete", "getReady"]);
+      assert.deepEqual(server.address, { transport: "unix", path: socket });
+      assert.equal(server.uri, `nbd+unix:///?socket=${socket}`);
+      assert.ok(existsSync(socket));
+
+      const info = await nbdinfo(server.uri);
+      assert.equal(info["export-size"], 65536);
+      assert.equal(info.is_read_only, false);
+
+      const out = await nbdsh(
+        server.uri,
+        `h.pwrite(b"hello", 4094)\nprint(h.pread(5, 4094).decode())\n` +
+          errnoOf(`h.pwrite(b"\\xee", 0)`),
+      );
+      assert.equal(out, "hello\nENOSPC");
+      assert.equal(new TextDecoder().decode(disk().subarray(4094, 4099)), "hello");
+      assert.equal(server.connections, 0);
+    } finally {
+      await server.close();
+    }
+    await server.finished;
+    assert.equal(existsSync(socket), false);
+    assert.equal(calls.at(-1), "unload");
+    // A second close() is harmless.
+    await server.close();
+  });
+
+  test("port 0 picks a free port on the address asked for; the URI names it", async () => {
+    const { plugin } = ramdisk();
+    const server = await serve(plugin, {
+      hostname: "127.0.0.1",
+      port: 0,
+      config: { size: "4096" },
+    });
+    let uri: string;
+    try {
+      const address = server.address;
+      assert.ok(address?.transport === "tcp");
+      assert.equal(address.hostname, "127.0.0.1");
+      assert.ok(address.port > 0);
+      uri = server.uri;
+      assert.equal(uri, `nbd://127.0.0.1:${address.port}`);
+      const r = await run(["nbdinfo", "--size", uri]);
+      assert.equal(r.stdout.trim(), "4096", r.stderr);
+    } finally {
+      await server.close();
+    }
+    const refused = await run(["nbdinfo", "--size", uri]);
+    assert.notEqual(refused.status, 0, "the server still answers after close()");
+  });
+
+  test("capabilities follow the callbacks: no pwrite is read-only", async () => {
+    const readonly = definePlugin({
+      name: "zeroes",
+      open: () => null,
+      getSize: () => 1 << 20,
+      pread: (_h, buf) => void buf.fill(0),
+    });
+    const server = await serve(readonly, { unixSocket: join(dir, "ro.sock") });
+    try {
+      const info = await nbdinfo(server.uri);
+      assert.equal(info.is_read_only, true);
+      for (const flag of ["can_flush", "can_trim", "can_fua", "can_cache", "can_multi_conn"]) {
+        assert.equal(info[flag], false, flag);
+      }
+      assert.equal(await nbdsh(server.uri, errnoOf(`h.pwrite(b"x", 0)`)), "EPERM");
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("capabilities follow the callbacks: flush, trim, zero, extents", async () => {
+    const blocks = new Set<number>(); // 64 KiB blocks that hold data
+    const full: Plugin<null> = {
+      name: "full",
+      open: () => null,
+      getSize: () => 1 << 20,
+      pread: (_h, buf) => void buf.fill(0),
+      pwrite: (_h, _buf, offset) => void blocks.add(Math.floor(offset / 65536)),
+      flush() {},
+      trim: (_h, _count, offset) => void blocks.delete(Math.floor(offset / 65536)),
+      zero: (_h, _count, offset) => void blocks.delete(Math.floor(offset / 65536)),
+      extents(_h, count, offset, _flags, sink) {
+        for (let at = offset; at < offset + count; at += 65536) {
+          sink.add(at, 65536, blocks.has(at / 65536) ? 0 : EXTENT_HOLE | EXTENT_ZERO);
+        }
+      },
+    };
+    const server = await serve(full, { unixSocket: join(dir, "full.sock") });
+    try {
+      const info = await nbdinfo(server.uri);
+      assert.equal(info.is_read_only, false);
+      // FUA is emulated with flush when the plugin has flush but no canFua.
+      for (const flag of ["can_flush", "can_trim", "can_zero", "can_fua"]) {
+        assert.equal(info[flag], true, flag);
+      }
+      assert.deepEqual(info.contexts, ["base:allocation"]);
+      const out = await nbdsh(
+        server.uri,
+        `h.pwrite(b"x" * 512, 65536)
+seen = []
+def f(meta, offset, entries, err):
+    seen.extend(entries)
+h.block_status(3 * 65536, 0, f)
+print(seen)`,
+        ["--base-allocation"],
+      );
+      assert.equal(out, "[65536, 3, 65536, 0, 65536, 3]");
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("readonly and exportName options", async () => {
+    const { plugin } = ramdisk();
+    const server = await serve(plugin, {
+      unixSocket: join(dir, "opts.sock"),
+      readonly: true,
+      exportName: "disk1",
+      config: { size: "512" },
+    });
+    try {
+      assert.equal(server.uri, `nbd+unix:///disk1?socket=${join(dir, "opts.sock")}`);
+      const info = await nbdinfo(server.uri);
+      assert.equal(info["export-name"], "disk1");
+      assert.equal(info.is_read_only, true);
+      const list = await run(["nbdinfo", "--list", "--json", server.uri]);
+      assert.deepEqual(
+        JSON.parse(list.stdout).exports.map((e: { "export-name": string }) => e["export-name"]),
+        ["disk1"],
+      );
+    } finally {
+      await server.close();
+    }
+  });
+
+  test("a bad parameter rejects serve() and nothing listens", async () => {
+    const socket = join(dir, "bad.sock");
+    const noConfig = definePlugin({
+      name: "fixed",
+      open: () => null,
+      getSize: () => 512,
+      pread: () => {},
+    });
+    await assert.rejects(serve(noConfig, { unixSocket: socket, config: { size: "1" } }), {
+      message: "unknown parameter 'size'",
+    });
+    const { plugin } = ramdisk();
+    await assert.rejects(serve(plugin, { unixSocket: socket, config: { colour: "red" } }), {
+      message: "unknown parameter 'colour'",
+    });
+    assert.equal(existsSync(socket), false);
+  });
+});
