@@ -379,7 +379,15 @@ export async function main(argv: string[]): Promise<number> {
     return stopping;
   };
   for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-    runtime.onSignal(signal, () => stop().then(() => runtime.exit(0)));
+    runtime.onSignal(signal, () => {
+      // A second signal while a graceful stop waits (say, for a streaming
+      // reader that never comes) means: stop now.
+      if (stopping) {
+        say(`${signal} again: exiting without waiting`);
+        runtime.exit(1);
+      }
+      stop().then(() => runtime.exit(0));
+    });
   }
 
   if (args.pidfile) await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);

@@ -151,6 +151,26 @@ except nbd.Error:
     assert.equal(quiet.stderr, "");
   });
 
+  test("a second SIGTERM stops a server that waits for a streaming reader", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const fifo = join(dir, "out.fifo");
+      const sock = join(dir, "sock");
+      const r = await shAsync(
+        `${ourShell()} -f -U ${sock} streaming write=${fifo} & pid=$!
+         for i in $(seq 100); do [ -S ${sock} ] && break; sleep 0.1; done
+         nbdsh -u 'nbd+unix:///?socket=${sock}' -c 'h.pwrite(b"x" * 4096, 0)'
+         kill -TERM $pid; sleep 1
+         kill -0 $pid && echo waiting
+         kill -TERM $pid; wait $pid; echo "status=$?"`,
+      );
+      assert.match(r.stdout, /^waiting\nstatus=1$/m, r.stderr);
+      assert.match(r.stderr, /SIGTERM again: exiting without waiting/);
+    } finally {
+      cleanup();
+    }
+  });
+
   test("a plugin from a .ts path", async () => {
     const { dir, cleanup } = scratch();
     try {
