@@ -464,11 +464,35 @@ function kindOf(st: fs.Stats): FileKind {
   return "other";
 }
 
+/**
+ * Opens under way. Opening a FIFO waits for the other end in a libuv pool
+ * thread, and Node's exit joins those threads: {@linkcode exitNow} plays the
+ * other end first, or the process would never exit.
+ */
+const opening = new Set<{ path: string; flags: number }>();
+
+/** Exit with `code`, even while a FIFO's open waits for its other end. */
+function exitNow(code: number): never {
+  const { O_RDONLY, O_WRONLY, O_RDWR, O_NONBLOCK } = fs.constants;
+  for (const { path, flags } of opening) {
+    try {
+      if (!fs.statSync(path).isFIFO()) continue;
+      const other = flags & (O_WRONLY | O_RDWR) ? O_RDONLY : O_WRONLY;
+      fs.closeSync(fs.openSync(path, other | O_NONBLOCK));
+    } catch {
+      // Gone, or already open: nothing waits on it.
+    }
+  }
+  return process.exit(code);
+}
+
 /** Promise wrappers over the fd-based callback API (no FileHandle objects). */
 function openFd(path: string, flags: number, mode = 0o666): Promise<number> {
-  return new Promise((resolve, reject) => {
+  const pending = { path, flags };
+  opening.add(pending);
+  return new Promise<number>((resolve, reject) => {
     fs.open(path, flags, mode, (err, fd) => err ? reject(err) : resolve(fd));
-  });
+  }).finally(() => opening.delete(pending));
 }
 
 function fstatFd(fd: number): Promise<fs.Stats> {
@@ -749,7 +773,7 @@ export const nodeRuntime: Runtime = {
   pid: process.pid,
   ppid: () => process.ppid,
   env: (name) => process.env[name],
-  exit: (code) => process.exit(code),
+  exit: exitNow,
   writeStderr: (text) => writeAllSync(2, text),
   writeStdout: (text) => writeAllSync(1, text),
   stderrIsTerminal: () => process.stderr.isTTY === true,
