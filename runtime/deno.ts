@@ -287,12 +287,14 @@ export const denoRuntime: Runtime = {
 
   async spawnDetachedSelf(args, env) {
     const self = denoRuntime.selfCommand();
-    const child = new Deno.Command("setsid", {
-      args: [...self, ...args],
+    // detached: the child leads a new session, as setsid(2) in nbdkit's fork.
+    const child = new Deno.Command(self[0], {
+      args: [...self.slice(1), ...args],
       env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
+      detached: true,
     }).spawn();
     const relay = child.stderr.getReader();
     const relaying = (async () => {

@@ -846,11 +846,12 @@ export const nodeRuntime: Runtime = {
   },
 
   async spawnDetachedSelf(args, env) {
-    // setsid(1) starts the new session itself; Node's `detached` would make
-    // the child a group leader first and setsid(1) would then fork again.
-    const child = spawn("setsid", [...nodeRuntime.selfCommand(), ...args], {
+    // detached: the child leads a new session (setsid(2)), as nbdkit's fork does.
+    const [program, ...rest] = nodeRuntime.selfCommand();
+    const child = spawn(program, [...rest, ...args], {
       env: { ...process.env, ...env },
       stdio: ["ignore", "pipe", "pipe"],
+      detached: true,
     });
     const failed = new Promise<never>((_, reject) => child.once("error", reject));
     failed.catch(() => {});

@@ -20,7 +20,7 @@ const SKIP = RUNTIME === "bun"
   : "the binary is Bun's: tested once, in the Bun stage (tests/run.sh)";
 
 /** What the `--run` scripts and the server itself may call. */
-const TOOLS = ["sh", "nbdinfo", "nbdcopy", "qemu-img", "sha256sum", "setsid", "cat"];
+const TOOLS = ["sh", "nbdinfo", "nbdcopy", "qemu-img", "sha256sum", "cat"];
 
 describe("the compiled binary (deno task compile)", () => {
   let dir: string;
