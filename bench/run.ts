@@ -207,7 +207,7 @@ async function fioBenchmarks(): Promise<void> {
 
 async function memoryBenchmarks(): Promise<void> {
   const peak: Row = {
-    label: "peak RSS during fio 4 KiB rand write",
+    label: "peak RSS, 4 KiB random writes over a 1 GiB memory disk",
     unit: "MiB",
     higherIsBetter: false,
     values: {},
@@ -219,10 +219,16 @@ async function memoryBenchmarks(): Promise<void> {
     values: {},
   };
   for (const c of contenders) {
-    const server = await start(c, ["memory", "size=64G"]);
+    let server = await start(c, ["memory", "size=1G"]);
     try {
       fio(server.uri, { label: "", rw: "randwrite", bs: "4k", qd: 16, metric: "iops" });
       peak.values[c.name] = rss(server.pid).peak;
+    } finally {
+      await server.stop();
+    }
+    // A fresh server: only the 1 GiB written may count.
+    server = await start(c, ["memory", "size=64G"]);
+    try {
       spawnSync("fio", [
         "--name=fill",
         "--ioengine=nbd",
@@ -243,12 +249,12 @@ async function memoryBenchmarks(): Promise<void> {
   show(sparse);
 }
 
-function script(name: string): string | null {
-  const path = join(ROOT, "bench", name);
-  if (!existsSync(path)) return null;
-  console.log(`\n# ${name}`);
-  const r = spawnSync("bash", [path], {
-    env: ENV,
+/** Run one of the plugin benchmarks (its own script) and return what it printed. */
+function script(name: string, argv: string[], env: Record<string, string> = {}): string | null {
+  if (!existsSync(join(ROOT, "bench", name))) return null;
+  console.log(`\n# ${name} ${Object.entries(env).map(([k, v]) => `${k}=${v}`).join(" ")}`);
+  const r = spawnSync(argv[0], argv.slice(1), {
+    env: { ...ENV, ...env },
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -264,7 +270,7 @@ function machine(): string {
       spawnSync(join(BIN, "deno"), ["--version"], { encoding: "utf8" }).stdout.split(" ")[1]
     }`,
     `bun ${spawnSync(join(BIN, "bun"), ["--version"], { encoding: "utf8" }).stdout.trim()}`,
-    `node ${process.versions.node}`,
+    `node ${spawnSync("node", ["--version"], { encoding: "utf8" }).stdout.trim().slice(1)}`,
     spawnSync("fio", ["--version"], { encoding: "utf8" }).stdout.trim(),
   ];
   return `${cpus().length} × ${cpu}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB; ${
@@ -314,10 +320,28 @@ function markdown(extraSections: string[]): string {
 if (!only || only === "fio") await fioBenchmarks();
 if (!only || only === "memory") await memoryBenchmarks();
 const extra: string[] = [];
-for (const name of ["streaming.sh", "libvirt.sh"]) {
+const plugins: Array<[string, string, string[], Record<string, string>]> = [
+  [
+    "streaming (Deno)",
+    "streaming.sh",
+    ["bash", join(ROOT, "bench", "streaming.sh"), String(REPS)],
+    {},
+  ],
+  ["streaming (Bun)", "streaming.sh", ["bash", join(ROOT, "bench", "streaming.sh"), String(REPS)], {
+    RUNTIME: "bun",
+  }],
+  ["libvirt (Deno)", "libvirt.ts", [
+    join(BIN, "deno"),
+    "run",
+    "-A",
+    join(ROOT, "bench", "libvirt.ts"),
+    `--rounds=${REPS}`,
+  ], {}],
+];
+for (const [title, name, argv, env] of plugins) {
   if (only && !name.startsWith(only)) continue;
-  const out = script(name);
-  if (out !== null) extra.push(`## ${name}`, "", "```", out.trim(), "```", "");
+  const out = script(name, argv, env);
+  if (out !== null) extra.push(`## ${title}`, "", "```", out.trim(), "```", "");
 }
 if (!only) {
   writeFileSync(join(ROOT, "bench", "RESULTS.md"), markdown(extra));
