@@ -41,7 +41,8 @@ import {
 import { optionName } from "./names.ts";
 import type { ExportProvider, ExportSession } from "./session.ts";
 import { concat, optionReply, ProtocolError, u16, u32, u64, utf8 } from "./wire.ts";
-import { messageOf } from "../plugins/errors.ts";
+// What a plugin threw, printed without ever throwing (see thrown.ts).
+import { safeMessage as messageOf } from "./thrown.ts";
 
 /** The id of `base:allocation` when selected. */
 export const BASE_ALLOCATION_ID = 1;
@@ -237,13 +238,20 @@ export async function handshake(
             throw new ProtocolError(`cannot open export "${exportName}": ${messageOf(err)}`);
           }
           const flags = session.flags | (structured ? NBD_FLAG_SEND_DF : 0);
-          await writer.write(
-            concat(
-              u64(session.size),
-              u16(flags),
-              noZeroes ? new Uint8Array(0) : new Uint8Array(124),
-            ),
-          );
+          try {
+            await writer.write(
+              concat(
+                u64(session.size),
+                u16(flags),
+                noZeroes ? new Uint8Array(0) : new Uint8Array(124),
+              ),
+            );
+          } catch (err) {
+            // The client left (or timed out) before the reply: nobody else
+            // will close the plugin's handle.
+            await session.close().catch(() => {});
+            throw err;
+          }
           return {
             session,
             structured,

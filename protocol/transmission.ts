@@ -49,7 +49,7 @@ import {
   simpleReply,
   structuredError,
 } from "./wire.ts";
-import { ERRNO_VALUES, errnoOf, messageOf } from "../plugins/errors.ts";
+import { safeErrno, safeMessage } from "./thrown.ts";
 
 /** The largest READ or WRITE payload: nbdkit's limit. */
 export const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
@@ -68,7 +68,49 @@ export interface TransmissionOptions {
   debug(message: string): void;
   /** True once the server is shutting down: new requests get ESHUTDOWN. */
   shuttingDown(): boolean;
+  /**
+   * Aborted when the server starts shutting down. The loop then goes on
+   * reading, so that requests the client has already sent are answered with
+   * ESHUTDOWN rather than lost with the connection, until the requests in
+   * flight have finished and {@linkcode TransmissionOptions.lingerMs} more
+   * have passed; then it stops reading and returns. Without it, the caller
+   * ends the loop by cancelling the reader.
+   */
+  stopSignal?: AbortSignal;
+  /** See `stopSignal` (default {@linkcode SHUTDOWN_LINGER_MS}). */
+  lingerMs?: number;
+  /**
+   * Close the connection at once. Used when a shutdown finds the client not
+   * taking its replies (see {@linkcode SHUTDOWN_WRITE_STALL_MS}): a write
+   * blocked on a full socket can only be ended by closing the socket.
+   */
+  hangUp?(): void;
 }
+
+/**
+ * During a shutdown, a connection with replies waiting to be written and
+ * none written for this long is hung up: a client that stopped reading must
+ * not hold the server up for ever.
+ */
+export const SHUTDOWN_WRITE_STALL_MS = 5000;
+
+/**
+ * Reply bytes handed to the transport and not yet written, beyond which the
+ * loop stops reading requests until the client has taken some. Small replies
+ * go out in batches that no request awaits: without this bound a client that
+ * sends READs and never reads the replies made the server queue 3.5 GiB in
+ * 8 seconds (see tests/fuzz_test.ts). nbdkit is bounded the same way, by
+ * its threads blocking in send().
+ */
+const MAX_QUEUED_BYTES = 4 * 1024 * 1024;
+
+/**
+ * How long a connection keeps answering ESHUTDOWN once its requests in
+ * flight have finished during a shutdown: long enough to read what a client
+ * had sent before it could know (already in the socket, or on its way),
+ * short enough that idle clients do not hold the server up.
+ */
+export const SHUTDOWN_LINGER_MS = 200;
 
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 
@@ -81,6 +123,14 @@ const MAX_SAFE = Number.MAX_SAFE_INTEGER;
  */
 const POOL_MIN = 64 * 1024;
 const POOL_PER_SIZE = 16;
+/**
+ * All pooled buffers together, server wide. Without a bound the pool kept up
+ * to 16 buffers of every size ever read, forever: a client reading 1 MiB + 1,
+ * 1 MiB + 2, … made the server hold 1.5 GiB after 1500 reads (see the
+ * memory tests in tests/fuzz_test.ts).
+ */
+const POOL_MAX_BYTES = 64 * 1024 * 1024;
+let pooledBytes = 0;
 
 /** Microtask turns a reply waits for others to join its write. */
 const FLUSH_TURNS = 12;
@@ -102,14 +152,21 @@ function takeBuffer(length: number): Uint8Array {
   if (length < POOL_MIN) return new Uint8Array(length);
   const free = pool.get(length);
   const buf = free?.pop();
-  return buf ? buf.fill(0) : new Uint8Array(length);
+  if (!buf) return new Uint8Array(length);
+  pooledBytes -= length;
+  if (free!.length === 0) pool.delete(length); // no empty entry per size ever seen
+  return buf.fill(0);
 }
 
 function giveBuffer(buf: Uint8Array): void {
   if (buf.length < POOL_MIN) return;
+  if (pooledBytes + buf.length > POOL_MAX_BYTES) return; // over the bound: left to the GC
   let free = pool.get(buf.length);
   if (!free) pool.set(buf.length, free = []);
-  if (free.length < POOL_PER_SIZE) free.push(buf);
+  if (free.length < POOL_PER_SIZE) {
+    free.push(buf);
+    pooledBytes += buf.length;
+  }
 }
 const TWO32 = 0x1_0000_0000;
 
@@ -254,6 +311,34 @@ export async function transmission(
   let inFlight = 0;
   let wake: (() => void) | null = null;
   let broken = false;
+  let draining = false; // the server is shutting down
+  let over = false;
+  let linger: ReturnType<typeof setTimeout> | undefined;
+
+  // Once draining with nothing in flight, read for a little longer, then
+  // stop: cancelling the reader ends the loop as the end of input would.
+  const armLinger = () => {
+    if (!draining || inFlight > 0 || linger !== undefined || over) return;
+    linger = setTimeout(() => {
+      options.debug("shutting down: no more requests are read on this connection");
+      reader.cancel();
+    }, options.lingerMs ?? SHUTDOWN_LINGER_MS);
+  };
+  let stallCheck: ReturnType<typeof setInterval> | undefined;
+  const onStop = () => {
+    draining = true;
+    armLinger();
+    let seen = writesDone;
+    stallCheck = setInterval(() => {
+      if (pendingWrites > 0 && writesDone === seen) {
+        options.debug("shutting down: the client is not reading its replies; hanging up");
+        clearInterval(stallCheck);
+        if (options.hangUp) options.hangUp();
+        else reader.cancel();
+      }
+      seen = writesDone;
+    }, SHUTDOWN_WRITE_STALL_MS);
+  };
 
   // Small replies are gathered and written together: one write (one system
   // call) for the replies to a burst of pipelined requests. The batch goes out
@@ -266,8 +351,23 @@ export async function transmission(
   let flushQueued = false;
   let lastWrite: Promise<void> = Promise.resolve();
 
-  const write = (bytes: Uint8Array): Promise<void> => {
-    lastWrite = writer.write(bytes).catch(() => {
+  // Replies in batches are awaited by nobody: their bytes are counted until
+  // written (see MAX_QUEUED_BYTES). Large replies are awaited by their
+  // requests, so bounded by the requests in flight.
+  let queuedBytes = 0;
+  let pendingWrites = 0;
+  let writesDone = 0;
+  const write = (bytes: Uint8Array, batched = false): Promise<void> => {
+    const n = batched ? bytes.length : 0;
+    queuedBytes += n;
+    pendingWrites++;
+    lastWrite = writer.write(bytes).then(() => {
+      queuedBytes -= n;
+      pendingWrites--;
+      writesDone++;
+    }, () => {
+      queuedBytes -= n;
+      pendingWrites--;
       broken = true;
     });
     return lastWrite;
@@ -279,7 +379,7 @@ export async function transmission(
     const bytes = batch.length === 1 ? batch[0] : joinChunks(batch, batchBytes);
     batch = [];
     batchBytes = 0;
-    write(bytes);
+    write(bytes, true);
   };
 
   // Requests dispatched together finish a few microtask turns apart (each
@@ -319,6 +419,7 @@ export async function transmission(
     const w = wake;
     wake = null;
     w?.();
+    armLinger();
   };
 
   const handle = async (req: Request): Promise<void> => {
@@ -388,14 +489,24 @@ export async function transmission(
       }
       await send(simpleReply(req.cookie, 0));
     } catch (err) {
-      const errno = ERRNO_VALUES[errnoOf(err)];
-      options.error(`${commandName(req.type)}: ${messageOf(err)}`);
-      await sendError(req, errno);
+      // Anything a plugin throws (a string, undefined, an object without a
+      // prototype…) fails this request only, with EIO unless it says otherwise.
+      options.error(`${commandName(req.type)}: ${safeMessage(err)}`);
+      await sendError(req, safeErrno(err));
     }
   };
 
+  options.stopSignal?.addEventListener("abort", onStop);
+  if (options.stopSignal?.aborted) onStop();
   try {
     while (!broken) {
+      if (queuedBytes > MAX_QUEUED_BYTES) {
+        // Backpressure (see MAX_QUEUED_BYTES): wait until the client has
+        // taken what was written so far.
+        flush();
+        await lastWrite;
+        continue;
+      }
       let head: Uint8Array;
       try {
         if (reader.buffered < 28) {
@@ -429,11 +540,14 @@ export async function transmission(
         return;
       }
 
+      const refusal = validate(session, options, type, flags, offHi, offLo, count);
       let payload: Uint8Array | null = null;
       if (type === NBD_CMD_WRITE) {
         if (reader.buffered < count) flush(); // do not hold replies while the payload trickles in
-        if (count > MAX_REQUEST_SIZE) {
-          // Drained in the stream's own chunks: nothing the size of `count` is allocated.
+        if (refusal || draining || options.shuttingDown()) {
+          // A payload that will not be written is drained in the stream's own
+          // chunks: a refused request (over the maximum, out of range, on a
+          // read-only export) never costs an allocation of its `count`.
           await reader.skip(count);
         } else {
           payload = await reader.read(count);
@@ -441,25 +555,35 @@ export async function transmission(
       }
 
       const req: Request = { type, flags, cookie, offset: offHi * TWO32 + offLo, count, payload };
-      const refusal = validate(session, options, type, flags, offHi, offLo, count);
       if (refusal) {
         options.error(refusal.message);
         await sendError(req, refusal.errno);
         continue;
       }
-      if (options.shuttingDown()) {
+      if (draining || options.shuttingDown()) {
         await sendError(req, NBD_ESHUTDOWN);
         continue;
       }
       while (inFlight >= options.maxInFlight) {
         await new Promise<void>((resolve) => wake = resolve);
       }
+      if (draining || options.shuttingDown()) {
+        // The stop came while it waited for a slot: nothing new starts (as nbdkit).
+        await sendError(req, NBD_ESHUTDOWN);
+        continue;
+      }
       inFlight++;
-      handle(req).finally(release);
+      // `handle` catches everything; this catch only guards against a
+      // rejection nobody would handle (fatal on Deno and Node).
+      handle(req).catch((err) => options.error(safeMessage(err))).finally(release);
     }
   } finally {
     while (inFlight > 0) await new Promise<void>((resolve) => wake = resolve);
+    over = true;
+    clearTimeout(linger);
     flush();
-    await lastWrite;
+    await lastWrite; // a shutdown meanwhile may still hang up on a client that reads nothing
+    clearInterval(stallCheck);
+    options.stopSignal?.removeEventListener("abort", onStop);
   }
 }

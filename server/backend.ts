@@ -201,7 +201,15 @@ class PluginSession<H> implements ExportSession {
     let error: string | null = null;
     const sink = {
       add: (start: number, length: number, type: number) => {
-        if (error !== null || pos >= end || length <= 0) return;
+        if (error !== null || pos >= end) return;
+        // A plugin in JavaScript may pass anything: NaN or a string would put a
+        // zero or garbage length on the wire, which the spec forbids.
+        if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length)) {
+          error = `plugin reported an extent that is not integers: ${String(start)}, ` +
+            `${String(length)}`;
+          return;
+        }
+        if (length <= 0) return;
         const stop = Math.min(start + length, end);
         if (stop <= pos) return; // before the range, or already covered
         if (start > pos) {

@@ -221,6 +221,11 @@ export async function startServer<H>(
         debug: (m) => clog.debug(m),
         shuttingDown: () => shuttingDown,
         stopSignal: stopping.signal,
+        hangUp: () => {
+          hungUp = true;
+          entry.secure?.close();
+          conn.close();
+        },
       });
     } catch (err) {
       if (err instanceof EndOfStream) clog.debug(`client closed the connection: ${err.message}`);
