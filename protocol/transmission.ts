@@ -42,6 +42,7 @@ import { commandName } from "./names.ts";
 import type { ExportSession } from "./session.ts";
 import {
   CHUNK_HEADER,
+  concat,
   ProtocolError,
   putChunkHeader,
   putSimpleHeader,
@@ -135,17 +136,6 @@ let pooledBytes = 0;
 /** Microtask turns a reply waits for others to join its write. */
 const FLUSH_TURNS = 12;
 const pool = new Map<number, Uint8Array[]>();
-
-/** Concatenate `chunks` (`length` bytes in all). */
-function joinChunks(chunks: Uint8Array[], length: number): Uint8Array {
-  const out = new Uint8Array(length);
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
-}
 
 /** A buffer of `length` bytes, zeroed so a plugin that fills it partly leaks nothing. */
 function takeBuffer(length: number): Uint8Array {
@@ -376,7 +366,7 @@ export async function transmission(
   const flush = (): void => {
     flushQueued = false;
     if (batch.length === 0 || broken) return;
-    const bytes = batch.length === 1 ? batch[0] : joinChunks(batch, batchBytes);
+    const bytes = batch.length === 1 ? batch[0] : concat(...batch);
     batch = [];
     batchBytes = 0;
     write(bytes, true);
