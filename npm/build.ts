@@ -53,7 +53,7 @@ function fail(message: string): never {
 
 function tsc(project: string): void {
   const bin = join(ROOT, "node_modules", "typescript", "bin", "tsc");
-  if (!existsSync(bin)) fail("TypeScript is not installed: run `npm ci` first");
+  if (!existsSync(bin)) fail("TypeScript is not installed: run `npm install` first");
   const r = spawnSync("node", [bin, "-p", project], { stdio: "inherit" });
   if (r.error) fail(`cannot run tsc with node: ${r.error.message}`);
   if (r.status !== 0) fail(`tsc -p ${project} failed`);
