@@ -92,7 +92,11 @@ export class NbdError extends Error {
 }
 
 /**
- * The errno of any thrown value: an {@linkcode NbdError}'s own, EIO otherwise.
+ * The errno of any thrown value: an {@linkcode NbdError}'s own (also one from
+ * another copy of this module, recognised by its name), EIO for anything
+ * else, and EIO for an errno that is not one of ours (a plugin in plain
+ * JavaScript is not held to the {@linkcode Errno} type). Never throws, even
+ * for a Proxy whose traps throw: a plugin's error fails its request only.
  *
  * @param err Whatever was thrown.
  * @returns The errno name.
@@ -102,21 +106,24 @@ export class NbdError extends Error {
  * import { errnoOf, NbdError } from "./errors.ts";
  * console.assert(errnoOf(new NbdError("EPERM", "read-only")) === "EPERM");
  * console.assert(errnoOf(new TypeError("oops")) === "EIO");
+ * console.assert(errnoOf(Object.create(null)) === "EIO");
  * ```
  */
 export function errnoOf(err: unknown): Errno {
-  if (err instanceof NbdError) return err.errno;
-  // A plugin may import another copy of this module (its own nbdkit-ts from
-  // npm, say): recognise the error by its shape, not its class.
-  if (typeof err === "object" && err !== null && (err as Error).name === "NbdError") {
+  try {
+    if (typeof err !== "object" || err === null) return "EIO";
+    if (!(err instanceof NbdError) && (err as Error).name !== "NbdError") return "EIO";
     const errno = (err as { errno?: unknown }).errno;
-    if (typeof errno === "string" && Object.hasOwn(ERRNO_VALUES, errno)) return errno as Errno;
+    return typeof errno === "string" && Object.hasOwn(ERRNO_VALUES, errno) ? errno as Errno : "EIO";
+  } catch {
+    return "EIO";
   }
-  return "EIO";
 }
 
 /**
- * The message of any thrown value, on one line.
+ * The message of any thrown value, on one line. Never throws, even for an
+ * object without a prototype or a Proxy whose traps throw (`String()` of
+ * those throws, and an exception in a `catch` block would end the process).
  *
  * @param err Whatever was thrown.
  * @returns A message without line breaks.
@@ -126,9 +133,14 @@ export function errnoOf(err: unknown): Errno {
  * import { messageOf } from "./errors.ts";
  * console.assert(messageOf(new Error("first\n  second")) === "first second");
  * console.assert(messageOf("a string") === "a string");
+ * console.assert(messageOf(Object.create(null)) === "the plugin threw a value that cannot be printed");
  * ```
  */
 export function messageOf(err: unknown): string {
-  const text = err instanceof Error ? err.message : String(err);
-  return text.replace(/\s*\n\s*/g, " ");
+  try {
+    const text = err instanceof Error ? String(err.message) : String(err);
+    return text.replace(/\s*\n\s*/g, " ");
+  } catch {
+    return "the plugin threw a value that cannot be printed";
+  }
 }

@@ -41,8 +41,7 @@ import {
 import { optionName } from "./names.ts";
 import type { ExportProvider, ExportSession } from "./session.ts";
 import { concat, optionReply, ProtocolError, u16, u32, u64, utf8 } from "./wire.ts";
-// What a plugin threw, printed without ever throwing (see thrown.ts).
-import { safeMessage as messageOf } from "./thrown.ts";
+import { messageOf } from "../plugins/errors.ts";
 
 /** The id of `base:allocation` when selected. */
 export const BASE_ALLOCATION_ID = 1;

@@ -50,7 +50,7 @@ import {
   simpleReply,
   structuredError,
 } from "./wire.ts";
-import { safeErrno, safeMessage } from "./thrown.ts";
+import { ERRNO_VALUES, errnoOf, messageOf } from "../plugins/errors.ts";
 
 /** The largest READ or WRITE payload: nbdkit's limit. */
 export const MAX_REQUEST_SIZE = 64 * 1024 * 1024;
@@ -481,8 +481,8 @@ export async function transmission(
     } catch (err) {
       // Anything a plugin throws (a string, undefined, an object without a
       // prototype…) fails this request only, with EIO unless it says otherwise.
-      options.error(`${commandName(req.type)}: ${safeMessage(err)}`);
-      await sendError(req, safeErrno(err));
+      options.error(`${commandName(req.type)}: ${messageOf(err)}`);
+      await sendError(req, ERRNO_VALUES[errnoOf(err)]);
     }
   };
 
@@ -565,7 +565,7 @@ export async function transmission(
       inFlight++;
       // `handle` catches everything; this catch only guards against a
       // rejection nobody would handle (fatal on Deno and Node).
-      handle(req).catch((err) => options.error(safeMessage(err))).finally(release);
+      handle(req).catch((err) => options.error(messageOf(err))).finally(release);
     }
   } finally {
     while (inFlight > 0) await new Promise<void>((resolve) => wake = resolve);

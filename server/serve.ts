@@ -12,7 +12,7 @@ import { transmission } from "../protocol/transmission.ts";
 import { ProtocolError } from "../protocol/wire.ts";
 // Never throws, whatever a plugin threw (an exception in a catch block here
 // would be an unhandled rejection, which ends the process).
-import { safeMessage as messageOf } from "../protocol/thrown.ts";
+import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";

@@ -60,7 +60,7 @@ const REGRESSION_SEEDS: { server: "memory" | "chaos" | "readonly"; seed: number;
       server: "chaos",
       seed: 1000078,
       found: "a plugin that throws Object.create(null) took the server down: messageOf() " +
-        "threw inside the request's catch block, an unhandled rejection (protocol/thrown.ts)",
+        "threw inside the request's catch block, an unhandled rejection (plugins/errors.ts messageOf now never throws)",
     },
     {
       server: "chaos",

@@ -29,8 +29,9 @@ import {
   type Target,
   Violation,
 } from "./_fuzz_helpers.ts";
-import { safeErrno, safeMessage } from "../protocol/thrown.ts";
-import { NbdError } from "../plugins/errors.ts";
+import { ERRNO_VALUES, errnoOf, messageOf, NbdError } from "../plugins/errors.ts";
+
+const safeErrno = (err: unknown) => ERRNO_VALUES[errnoOf(err)];
 
 /** A RAM disk whose reads and writes take `delay=` ms, logging its lifecycle to `log=`. */
 const SLOW_PLUGIN = `import { appendFileSync } from "node:fs";
@@ -516,7 +517,7 @@ print(json.dumps([
     assert.match(server.stderr(), /error: close: the plugin threw a value that cannot be printed/);
   });
 
-  test("safeErrno and safeMessage never throw and never say success", () => {
+  test("errnoOf and messageOf never throw and never say success", () => {
     assert.equal(safeErrno(new NbdError("ENOSPC", "full")), 28);
     assert.equal(safeErrno(new NbdError("EFOO" as never, "made up")), 5);
     assert.equal(safeErrno(new NbdError("constructor" as never, "made up")), 5);
@@ -532,9 +533,9 @@ print(json.dumps([
       5,
     );
     assert.equal(
-      safeMessage(Object.create(null)),
+      messageOf(Object.create(null)),
       "the plugin threw a value that cannot be printed",
     );
-    assert.equal(safeMessage("a\nb"), "a b");
+    assert.equal(messageOf("a\nb"), "a b");
   });
 });
