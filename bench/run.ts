@@ -126,6 +126,20 @@ function fio(uri: string, job: FioJob, jobs = 1): FioResult {
   };
 }
 
+/** Write 1 GiB sequentially at `offset`. */
+function fill(uri: string, offset = "0"): void {
+  spawnSync("fio", [
+    "--name=fill",
+    "--ioengine=nbd",
+    `--uri=${uri}`,
+    "--rw=write",
+    "--bs=1M",
+    "--iodepth=4",
+    "--size=1G",
+    `--offset=${offset}`,
+  ], { env: ENV });
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
@@ -180,16 +194,7 @@ async function fioBenchmarks(): Promise<void> {
         const results: FioResult[] = [];
         const server = await start(c, ["memory", "size=1G"]);
         try {
-          // Fill the disk so reads copy real pages, not holes.
-          spawnSync("fio", [
-            "--name=fill",
-            "--ioengine=nbd",
-            `--uri=${server.uri}`,
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=4",
-            "--size=1G",
-          ], { env: ENV });
+          fill(server.uri); // so that reads copy real pages, not holes
           for (let i = 0; i < REPS; i++) results.push(fio(server.uri, job, conns));
         } finally {
           await server.stop();
@@ -229,16 +234,7 @@ async function memoryBenchmarks(): Promise<void> {
     // A fresh server: only the 1 GiB written may count.
     server = await start(c, ["memory", "size=64G"]);
     try {
-      spawnSync("fio", [
-        "--name=fill",
-        "--ioengine=nbd",
-        `--uri=${server.uri}`,
-        "--rw=write",
-        "--bs=1M",
-        "--iodepth=4",
-        "--size=1G",
-        "--offset=32G",
-      ], { env: ENV });
+      fill(server.uri, "32G");
       sparse.values[c.name] = rss(server.pid).now;
     } finally {
       await server.stop();
