@@ -11,6 +11,7 @@
  * @module
  */
 import { messageOf, NbdError } from "../errors.ts";
+import { ErrorState } from "./error_state.ts";
 import { formatSize } from "../size.ts";
 import { RetainedBytes } from "./retained_bytes.ts";
 
@@ -61,9 +62,7 @@ export class StreamReader {
   #readahead: number;
   #eof = false;
   #filling: Promise<void> | null = null;
-  #failure: string | null = null;
-  #told = false;
-  #onFailure: ((message: string) => void) | undefined;
+  #error: ErrorState;
   #closed = false;
 
   /**
@@ -76,7 +75,7 @@ export class StreamReader {
     this.#window = options.window;
     this.#name = options.name;
     this.#readahead = options.readahead ?? 0;
-    this.#onFailure = options.onFailure;
+    this.#error = new ErrorState(options.onFailure);
     this.#retained = new RetainedBytes(options.headSize ?? HEAD_SIZE, options.window);
     this.#source.catch((err) => this.fail(`Cannot open ${this.#name}: ${messageOf(err)}`));
   }
@@ -93,7 +92,7 @@ export class StreamReader {
 
   /** Why the reader stopped, or null while it works. */
   get failure(): string | null {
-    return this.#failure;
+    return this.#error.failure;
   }
 
   /**
@@ -102,9 +101,7 @@ export class StreamReader {
    * @param message Why.
    */
   fail(message: string): void {
-    if (this.#failure !== null) return;
-    this.#failure = message;
-    this.#onFailure?.(message);
+    this.#error.fail(message);
   }
 
   /**
@@ -114,13 +111,7 @@ export class StreamReader {
    * @throws {NbdError} EIO with the reason.
    */
   check(): void {
-    if (this.#failure === null) return;
-    const told = this.#told;
-    this.#told = true;
-    throw new NbdError(
-      "EIO",
-      told ? `The stream stopped earlier: ${this.#failure}` : this.#failure,
-    );
+    this.#error.check();
   }
 
   /**
@@ -165,7 +156,9 @@ export class StreamReader {
   }
 
   async #fill(end: number): Promise<void> {
-    while (this.#retained.end < end && !this.#eof && this.#failure === null && !this.#closed) {
+    while (
+      this.#retained.end < end && !this.#eof && this.#error.failure === null && !this.#closed
+    ) {
       this.#filling ??= this.#readOne().finally(() => this.#filling = null);
       await this.#filling;
     }

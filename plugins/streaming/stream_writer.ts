@@ -14,6 +14,7 @@
  * @module
  */
 import { NbdError } from "../errors.ts";
+import { ErrorState } from "./error_state.ts";
 import { formatSize } from "../size.ts";
 import type { OrderedSink } from "./ordered_sink.ts";
 import { ReorderWindow } from "./reorder_window.ts";
@@ -54,9 +55,7 @@ export class StreamWriter {
   #held = new ReorderWindow();
   #position = 0;
   #highest = 0;
-  #failure: string | null = null;
-  #told = false;
-  #onFailure: ((message: string) => void) | undefined;
+  #error: ErrorState;
 
   /**
    * Create the engine.
@@ -67,7 +66,7 @@ export class StreamWriter {
     this.#sink = options.sink;
     this.#window = options.window;
     this.#limit = Math.max(0, options.window - options.sink.stagingBytes);
-    this.#onFailure = options.onFailure;
+    this.#error = new ErrorState(options.onFailure);
   }
 
   /** The stream position: bytes handed to the sink in order. */
@@ -87,7 +86,7 @@ export class StreamWriter {
 
   /** Why the writer stopped, or null while it works. */
   get failure(): string | null {
-    return this.#failure;
+    return this.#error.failure;
   }
 
   /**
@@ -96,9 +95,7 @@ export class StreamWriter {
    * @param message Why.
    */
   fail(message: string): void {
-    if (this.#failure !== null) return;
-    this.#failure = message;
-    this.#onFailure?.(message);
+    this.#error.fail(message);
   }
 
   /**
@@ -108,13 +105,7 @@ export class StreamWriter {
    * @throws {NbdError} EIO with the reason.
    */
   check(): void {
-    if (this.#failure === null) return;
-    const told = this.#told;
-    this.#told = true;
-    throw new NbdError(
-      "EIO",
-      told ? `The stream stopped earlier: ${this.#failure}` : this.#failure,
-    );
+    this.#error.check();
   }
 
   /**
@@ -173,7 +164,7 @@ export class StreamWriter {
    * then close the sink so the reader sees the end of the stream.
    */
   async finish(): Promise<void> {
-    if (this.#failure === null) this.#releaseAll();
+    if (this.#error.failure === null) this.#releaseAll();
     await this.#sink.close();
   }
 
