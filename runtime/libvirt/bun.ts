@@ -29,7 +29,7 @@ import {
   LIBVIRT_SYMBOLS,
 } from "./bun_ffi.ts";
 import { type PeekInit, type PeekReply, type PeekRequest, peekWorker } from "./bun_worker.ts";
-import { LIBVIRT_SONAME, libvirtLoadError } from "./common.ts";
+import { DomainLifetime, LIBVIRT_SONAME, libvirtLoadError } from "./common.ts";
 
 /**
  * How many peeks run at once. libvirtd serves at most 5 calls of one client
@@ -129,8 +129,7 @@ class BunDomain implements LibvirtDomain {
   #libc: BunLibc;
   #pool: PeekPool;
   #dom: BunPointer;
-  #inFlight = 0;
-  #freed = false;
+  #life: DomainLifetime;
 
   constructor(ffi: BunFfi, lib: BunLibvirt, libc: BunLibc, pool: PeekPool, dom: BunPointer) {
     this.#ffi = ffi;
@@ -138,6 +137,7 @@ class BunDomain implements LibvirtDomain {
     this.#libc = libc;
     this.#pool = pool;
     this.#dom = dom;
+    this.#life = new DomainLifetime(() => lib.virDomainFree(dom));
   }
 
   #error(): LibvirtError {
@@ -164,7 +164,7 @@ class BunDomain implements LibvirtDomain {
   }
 
   async blockPeek(disk: string, offset: number, buf: Uint8Array): Promise<void> {
-    if (this.#freed) throw new LibvirtError("invalid domain pointer", 0);
+    this.#life.check();
     if (buf.length === 0) {
       // Nothing to transfer, and no address to take: ask here.
       const empty = new Uint8Array(1);
@@ -179,19 +179,14 @@ class BunDomain implements LibvirtDomain {
       if (r < 0) throw this.#error();
       return;
     }
-    this.#inFlight++;
-    try {
-      // The worker writes straight into `buf`, which the caller keeps alive.
-      await this.#pool.peek(this.#dom, disk, offset, this.#ffi.ptr(buf), buf.length);
-    } finally {
-      if (--this.#inFlight === 0 && this.#freed) this.#lib.virDomainFree(this.#dom);
-    }
+    // The worker writes straight into `buf`, which the caller keeps alive.
+    await this.#life.use(() =>
+      this.#pool.peek(this.#dom, disk, offset, this.#ffi.ptr(buf), buf.length)
+    );
   }
 
   free(): void {
-    if (this.#freed) return;
-    this.#freed = true;
-    if (this.#inFlight === 0) this.#lib.virDomainFree(this.#dom);
+    this.#life.free();
   }
 }
 

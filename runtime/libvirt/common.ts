@@ -1,9 +1,10 @@
 /**
  * What the three libvirt bindings share: the library's name, the load
- * error, and the layout of libvirt's `virError`.
+ * error, the layout of libvirt's `virError`, and a domain handle's lifetime.
  *
  * @module
  */
+import { LibvirtError } from "../../plugins/libvirt/bindings.ts";
 
 /** The shared library every binding loads. */
 export const LIBVIRT_SONAME = "libvirt.so.0";
@@ -29,4 +30,43 @@ export function libvirtLoadError(cause: unknown): Error {
     `Cannot load ${LIBVIRT_SONAME} (Debian's package 'libvirt0' provides it): ${detail}`,
     { cause },
   );
+}
+
+/**
+ * The lifetime of a domain handle with peeks in flight on other threads:
+ * `free()` may come while a peek still uses the handle, so the handle is
+ * released when the last peek ends, and no new peek starts once freed.
+ */
+export class DomainLifetime {
+  #inFlight = 0;
+  #freed = false;
+  #release: () => void;
+
+  /** @param release Frees the handle (virDomainFree); called exactly once. */
+  constructor(release: () => void) {
+    this.#release = release;
+  }
+
+  /** Throw if the handle has been freed. */
+  check(): void {
+    if (this.#freed) throw new LibvirtError("invalid domain pointer", 0);
+  }
+
+  /** Run a peek that uses the handle; the handle outlives it. */
+  async use<T>(peek: () => Promise<T>): Promise<T> {
+    this.check();
+    this.#inFlight++;
+    try {
+      return await peek();
+    } finally {
+      if (--this.#inFlight === 0 && this.#freed) this.#release();
+    }
+  }
+
+  /** Free the handle now, or when the last peek in flight ends. */
+  free(): void {
+    if (this.#freed) return;
+    this.#freed = true;
+    if (this.#inFlight === 0) this.#release();
+  }
 }

@@ -23,6 +23,7 @@ import {
   versionString,
 } from "../../plugins/libvirt/bindings.ts";
 import {
+  DomainLifetime,
   LIBVIRT_SONAME,
   libvirtLoadError,
   VIR_ERROR_MESSAGE_OFFSET,
@@ -87,14 +88,14 @@ class DenoDomain implements LibvirtDomain {
   #conn: Deno.PointerValue;
   #dom: Deno.PointerValue;
   #names = new Map<string, Uint8Array<ArrayBuffer>>();
-  #inFlight = 0;
-  #freed = false;
+  #life: DomainLifetime;
 
   constructor(lib: Lib, libc: Libc, conn: Deno.PointerValue, dom: Deno.PointerValue) {
     this.#lib = lib;
     this.#libc = libc;
     this.#conn = conn;
     this.#dom = dom;
+    this.#life = new DomainLifetime(() => this.#release());
   }
 
   // The disk's name as a C string, encoded once rather than per request.
@@ -123,9 +124,7 @@ class DenoDomain implements LibvirtDomain {
   }
 
   async blockPeek(disk: string, offset: number, buf: Uint8Array): Promise<void> {
-    if (this.#freed) throw new LibvirtError("invalid domain pointer", 0);
-    this.#inFlight++;
-    try {
+    await this.#life.use(async () => {
       const r = await this.#lib.virDomainBlockPeek(
         this.#dom,
         this.#name(disk),
@@ -135,15 +134,11 @@ class DenoDomain implements LibvirtDomain {
         0,
       );
       if (r < 0) throw connectionError(this.#lib, this.#conn);
-    } finally {
-      if (--this.#inFlight === 0 && this.#freed) this.#release();
-    }
+    });
   }
 
   free(): void {
-    if (this.#freed) return;
-    this.#freed = true;
-    if (this.#inFlight === 0) this.#release();
+    this.#life.free();
   }
 
   #release(): void {

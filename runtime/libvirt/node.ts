@@ -20,6 +20,7 @@ import {
   versionString,
 } from "../../plugins/libvirt/bindings.ts";
 import {
+  DomainLifetime,
   LIBVIRT_SONAME,
   libvirtLoadError,
   VIR_ERROR_MESSAGE_OFFSET,
@@ -97,14 +98,14 @@ class NodeDomain implements LibvirtDomain {
   #lib: Lib;
   #conn: Ptr;
   #dom: Ptr;
-  #inFlight = 0;
-  #freed = false;
+  #life: DomainLifetime;
 
   constructor(koffi: Koffi, lib: Lib, conn: Ptr, dom: Ptr) {
     this.#koffi = koffi;
     this.#lib = lib;
     this.#conn = conn;
     this.#dom = dom;
+    this.#life = new DomainLifetime(() => lib.virDomainFree(dom));
   }
 
   xmlDesc(): string {
@@ -120,9 +121,7 @@ class NodeDomain implements LibvirtDomain {
   }
 
   async blockPeek(disk: string, offset: number, buf: Uint8Array): Promise<void> {
-    if (this.#freed) throw new LibvirtError("invalid domain pointer", 0);
-    this.#inFlight++;
-    try {
+    await this.#life.use(async () => {
       const r = await new Promise<number>((resolve, reject) => {
         this.#lib.virDomainBlockPeek.async(
           this.#dom,
@@ -135,15 +134,11 @@ class NodeDomain implements LibvirtDomain {
         );
       });
       if (r < 0) throw connectionError(this.#koffi, this.#lib, this.#conn);
-    } finally {
-      if (--this.#inFlight === 0 && this.#freed) this.#lib.virDomainFree(this.#dom);
-    }
+    });
   }
 
   free(): void {
-    if (this.#freed) return;
-    this.#freed = true;
-    if (this.#inFlight === 0) this.#lib.virDomainFree(this.#dom);
+    this.#life.free();
   }
 }
 
