@@ -135,20 +135,23 @@ let pooledBytes = 0;
 
 /** Microtask turns a reply waits for others to join its write. */
 const FLUSH_TURNS = 12;
-const pool = new Map<number, Uint8Array[]>();
+const pool = new Map<number, Uint8Array<ArrayBuffer>[]>();
 
-/** A buffer of `length` bytes, zeroed so a plugin that fills it partly leaks nothing. */
-function takeBuffer(length: number): Uint8Array {
+/**
+ * A buffer of `length` bytes, zeroed (unless `zeroed` is false, for a buffer
+ * about to be filled whole) so that a plugin that fills it partly leaks nothing.
+ */
+function takeBuffer(length: number, zeroed = true): Uint8Array<ArrayBuffer> {
   if (length < POOL_MIN) return new Uint8Array(length);
   const free = pool.get(length);
   const buf = free?.pop();
   if (!buf) return new Uint8Array(length);
   pooledBytes -= length;
   if (free!.length === 0) pool.delete(length); // no empty entry per size ever seen
-  return buf.fill(0);
+  return zeroed ? buf.fill(0) : buf;
 }
 
-function giveBuffer(buf: Uint8Array): void {
+function giveBuffer(buf: Uint8Array<ArrayBuffer>): void {
   if (buf.length < POOL_MIN) return;
   if (pooledBytes + buf.length > POOL_MAX_BYTES) return; // over the bound: left to the GC
   let free = pool.get(buf.length);
@@ -170,7 +173,7 @@ interface Request {
   cookie: Uint8Array;
   offset: number;
   count: number;
-  payload: Uint8Array | null;
+  payload: Uint8Array<ArrayBuffer> | null;
 }
 
 /** The reason a request is refused before the export sees it. */
@@ -443,7 +446,9 @@ export async function transmission(
           return;
         }
         case NBD_CMD_WRITE:
+          // The plugin may not keep the buffer past its promise (see plugins/plugin.ts).
           await session.write(req.payload!, req.offset, fua);
+          giveBuffer(req.payload!);
           break;
         case NBD_CMD_FLUSH:
           await session.flush();
@@ -531,7 +536,7 @@ export async function transmission(
       }
 
       const refusal = validate(session, options, type, flags, offHi, offLo, count);
-      let payload: Uint8Array | null = null;
+      let payload: Uint8Array<ArrayBuffer> | null = null;
       if (type === NBD_CMD_WRITE) {
         if (reader.buffered < count) flush(); // do not hold replies while the payload trickles in
         if (refusal || draining || options.shuttingDown()) {
@@ -540,7 +545,8 @@ export async function transmission(
           // read-only export) never costs an allocation of its `count`.
           await reader.skip(count);
         } else {
-          payload = await reader.read(count);
+          // Kept past the next read (the request runs while others are read): never a view of the reader's buffer.
+          payload = await reader.readInto(takeBuffer(count, false));
         }
       }
 
