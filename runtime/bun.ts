@@ -13,12 +13,41 @@ import {
   nodeRuntime,
   openStream,
   READ_HIGH_WATER_MARK,
+  readableFromNode,
   removeStaleSocket,
   startTlsOverStreams,
+  writableFromNode,
   writeStreamFlags,
 } from "./node.ts";
 import { constants } from "node:fs";
 import process from "node:process";
+import { enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
+import { importBunFfi } from "./libvirt/bun_ffi.ts";
+
+let bunLibc: Promise<PipeLibc | null> | undefined;
+
+/** libc's `fcntl` through `bun:ffi`, for {@linkcode enlargePipeFd}. */
+function bunPipeLibc(): Promise<PipeLibc | null> {
+  return bunLibc ??= (async () => {
+    try {
+      const ffi = await importBunFfi();
+      return ffi.dlopen<PipeLibc>("libc.so.6", {
+        fcntl: { args: ["i32", "i32", "i32"], returns: "i32" },
+      }).symbols;
+    } catch {
+      return null;
+    }
+  })();
+}
+
+/** `make`, enlarging the pipe of the fd it is given first. */
+async function enlarging<S>(make: (fd: number) => S): Promise<(fd: number) => S> {
+  const libc = await bunPipeLibc();
+  return (fd) => {
+    enlargePipeFd(libc, fd);
+    return make(fd);
+  };
+}
 
 /**
  * The part of Bun's socket API used here, declared locally (checked against
@@ -334,11 +363,22 @@ export const bunRuntime: Runtime = {
     return nodeRuntime.prepareTls(options);
   },
 
-  openReadStream(path) {
-    return openStream(path, constants.O_RDONLY, fdReadable, fdReadable);
+  async openReadStream(path) {
+    return openStream(path, constants.O_RDONLY, await enlarging(fdReadable), fdReadable);
   },
 
   async openWriteStream(path) {
-    return openStream(path, await writeStreamFlags(path), fdWritable, fdWritable);
+    const flags = await writeStreamFlags(path);
+    return openStream(path, flags, await enlarging(fdWritable), fdWritable);
+  },
+
+  stdinStream() {
+    bunPipeLibc().then((libc) => enlargePipeFd(libc, 0));
+    const { stdin } = process;
+    return readableFromNode(stdin, () => stdin.pause());
+  },
+  stdoutStream() {
+    bunPipeLibc().then((libc) => enlargePipeFd(libc, 1));
+    return writableFromNode(process.stdout);
   },
 };

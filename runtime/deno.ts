@@ -15,6 +15,7 @@ import type {
   TlsServerOptions,
 } from "./types.ts";
 import { readFirstLine } from "./first_line.ts";
+import { enlargeFifo, enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
 
 const encoder = new TextEncoder();
 
@@ -27,6 +28,29 @@ function writeAllSync(w: { writeSync(p: Uint8Array): number }, text: string): vo
       return; // stderr closed: nowhere to report it
     }
   }
+}
+
+let pipeLibc: PipeLibc | null | undefined;
+
+/**
+ * libc for {@linkcode enlargeFifo}, when FFI is allowed: asking would prompt
+ * a user who ran without `--allow-ffi`, for a mere speed-up.
+ */
+function denoPipeLibc(): PipeLibc | null {
+  if (pipeLibc !== undefined) return pipeLibc;
+  pipeLibc = null;
+  try {
+    if (Deno.permissions.querySync({ name: "ffi" }).state === "granted") {
+      pipeLibc = Deno.dlopen("libc.so.6", {
+        open: { parameters: ["buffer", "i32"], result: "i32" },
+        fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+        close: { parameters: ["i32"], result: "i32" },
+      }).symbols as unknown as PipeLibc;
+    }
+  } catch {
+    // no libc.so.6 (musl) or no FFI: pipes keep their size
+  }
+  return pipeLibc;
 }
 
 /** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
@@ -342,17 +366,27 @@ export const denoRuntime: Runtime = {
   },
 
   async openReadStream(path) {
-    return (await Deno.open(path, { read: true })).readable;
+    const file = await Deno.open(path, { read: true });
+    if ((await file.stat()).isFifo) enlargeFifo(denoPipeLibc(), path, false);
+    return file.readable;
   },
 
   async openWriteStream(path) {
     const info = await denoRuntime.stat(path);
     const truncate = info?.kind === "file";
-    return (await Deno.open(path, { write: true, truncate, create: info === null })).writable;
+    const file = await Deno.open(path, { write: true, truncate, create: info === null });
+    if (info?.kind === "fifo") enlargeFifo(denoPipeLibc(), path, true);
+    return file.writable;
   },
 
-  stdinStream: () => Deno.stdin.readable,
-  stdoutStream: () => Deno.stdout.writable,
+  stdinStream() {
+    enlargePipeFd(denoPipeLibc(), 0);
+    return Deno.stdin.readable;
+  },
+  stdoutStream() {
+    enlargePipeFd(denoPipeLibc(), 1);
+    return Deno.stdout.writable;
+  },
   writeTextFile: (path, text) => Deno.writeTextFile(path, text),
   async removeFile(path) {
     try {

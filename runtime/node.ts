@@ -28,6 +28,7 @@ import type {
   SpawnOptions,
   TlsServerOptions,
 } from "./types.ts";
+import { enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
 
 const encoder = new TextEncoder();
 
@@ -625,6 +626,30 @@ export async function openStream<S>(
   }
 }
 
+let koffiLibc: Promise<PipeLibc | null> | undefined;
+
+/**
+ * libc's `fcntl` through koffi (an optional dependency): what
+ * {@linkcode enlargePipeFd} needs on Node, which has no `fcntl` of its own.
+ * Without koffi, pipes keep their size.
+ *
+ * @returns The call, or null.
+ */
+function nodePipeLibc(): Promise<PipeLibc | null> {
+  return koffiLibc ??= (async () => {
+    try {
+      type Koffi = {
+        load(path: string): { func(definition: string): (...a: unknown[]) => number };
+      };
+      const mod = await import("koffi") as unknown as { default?: Koffi } & Koffi;
+      const fcntl = (mod.default ?? mod).load("libc.so.6").func("int fcntl(int, int, ...)");
+      return { fcntl: (fd: number, cmd: number, arg: number) => fcntl(fd, cmd, "int", arg) };
+    } catch {
+      return null;
+    }
+  })();
+}
+
 /**
  * The `open(2)` flags of {@linkcode Runtime.openWriteStream}: a regular file
  * is truncated, a missing one created, a FIFO or device opened as it is.
@@ -911,19 +936,31 @@ export const nodeRuntime: Runtime = {
     if (status !== 0) throw new Error(`mkfifo: ${stderr.trim() || `exit status ${status}`}`);
   },
 
-  openReadStream(path) {
-    return openStream(path, fs.constants.O_RDONLY, pipeReadable, fdReadable);
+  async openReadStream(path) {
+    const libc = await nodePipeLibc();
+    return openStream(path, fs.constants.O_RDONLY, (fd) => {
+      enlargePipeFd(libc, fd);
+      return pipeReadable(fd);
+    }, fdReadable);
   },
 
   async openWriteStream(path) {
-    return openStream(path, await writeStreamFlags(path), pipeWritable, fdWritable);
+    const libc = await nodePipeLibc();
+    return openStream(path, await writeStreamFlags(path), (fd) => {
+      enlargePipeFd(libc, fd);
+      return pipeWritable(fd);
+    }, fdWritable);
   },
 
   stdinStream() {
+    nodePipeLibc().then((libc) => enlargePipeFd(libc, 0));
     const { stdin } = process;
     return readableFromNode(stdin, () => stdin.pause());
   },
-  stdoutStream: () => writableFromNode(process.stdout),
+  stdoutStream() {
+    nodePipeLibc().then((libc) => enlargePipeFd(libc, 1));
+    return writableFromNode(process.stdout);
+  },
   writeTextFile: (path, text) => fsp.writeFile(path, text),
   async removeFile(path) {
     try {

@@ -215,6 +215,58 @@ describe("streaming plugin with real clients", () => {
     assert.equal(toStdout.sha, img.sparse.sha);
   });
 
+  test("the pipe of a FIFO, and of stdout, is enlarged to 1 MiB (both ends wake less)", async () => {
+    // The other end asks the kernel (F_GETPIPE_SZ) once the first byte went through.
+    const probe = (open: string, io: string) =>
+      `import fcntl, os, sys\n${open}\n${io}\nprint(fcntl.fcntl(fd, 1032))\n` +
+      `while os.read(fd, 1 << 16): pass\n`;
+    const readEnd = (fifo: string) =>
+      run([
+        "python3",
+        "-c",
+        probe(`fd = os.open(${JSON.stringify(fifo)}, os.O_RDONLY)`, "os.read(fd, 1)"),
+      ]);
+    const write = 'nbdsh -u "$uri" -c \'h.pwrite(b"x" * 4096, 0)\'';
+
+    const out = path("fifo");
+    sh(`mkfifo ${out}`);
+    const reader = readEnd(out);
+    const w = await captive(["streaming", `write=${out}`], write);
+    assert.equal(w.status, 0, w.stderr);
+    assert.equal((await reader).stdout.trim(), String(MiB));
+
+    const inp = path("fifo");
+    sh(`mkfifo ${inp}`);
+    const size = run([
+      "python3",
+      "-c",
+      `import fcntl, os, time\nfd = os.open(${JSON.stringify(inp)}, os.O_WRONLY)\n` +
+      `os.write(fd, bytes(4096))\ntime.sleep(0.5)\nprint(fcntl.fcntl(fd, 1032))\n`,
+    ]);
+    const r = await captive(
+      ["streaming", `read=${inp}`, "size=4096"],
+      "nbdsh -u \"$uri\" -c 'assert h.pread(4096, 0) == bytes(4096)'",
+    );
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal((await size).stdout.trim(), String(MiB));
+
+    // Python starts the server itself, with its stdout on a pipe (Deno's
+    // node:child_process would requote a shell line that starts Deno).
+    const stdout = await run([
+      "python3",
+      "-c",
+      probe(
+        "import json, subprocess\n" +
+          "p = subprocess.Popen(json.loads(sys.argv[1]), stdout=subprocess.PIPE)\n" +
+          "fd = p.stdout.fileno()",
+        "os.read(fd, 1)",
+      ) + "sys.exit(p.wait())\n",
+      JSON.stringify([...ourCommand(), "-U", "-", "streaming", "write=-", "--run", write]),
+    ]);
+    assert.equal(stdout.status, 0, stdout.stderr);
+    assert.equal(stdout.stdout.trim(), String(MiB));
+  });
+
   test("read=FIFO fed by cat, consumed by qemu-img convert: identical images", async () => {
     for (const kind of ["dense", "sparse"]) {
       const fifo = path("in-fifo");
