@@ -47,6 +47,7 @@ import { uriOf } from "./server/uri.ts";
 export * from "./plugins/plugin.ts";
 export { type Errno, NbdError } from "./plugins/errors.ts";
 export { formatSize, parseSize } from "./plugins/size.ts";
+export { stdioSafe } from "./plugins/stdio.ts";
 export { createMemoryPlugin } from "./plugins/memory.ts";
 export { createNullPlugin } from "./plugins/null.ts";
 export type { ServeOptions, Server } from "./server/serve.ts";

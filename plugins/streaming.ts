@@ -25,6 +25,7 @@
 import { messageOf, NbdError } from "./errors.ts";
 import type { Plugin } from "./plugin.ts";
 import { parseSize } from "./size.ts";
+import { stdioSafe } from "./stdio.ts";
 import { OrderedSink } from "./streaming/ordered_sink.ts";
 import { ProgressLine } from "./streaming/progress.ts";
 import { StreamReader } from "./streaming/stream_reader.ts";
@@ -46,34 +47,6 @@ read=FILE    Serve the stream read from FILE (as above; - is stdin).
 size=SIZE    Size of the disk (default: effectively infinite).
 window=SIZE  Out-of-order writes held in memory, or recent bytes kept for
              re-reads (default 64M).`;
-
-/**
- * Whether the NBD connection itself is on stdin/stdout (`-s`), in which
- * case `-` cannot name the stream. The plugin contract does not say, so the
- * command line is read: `-s`, `--single`, `--stdin`, or `-s` in a cluster.
- *
- * @param args The command line arguments.
- * @returns True when `-s` was given.
- *
- * @example
- * ```ts
- * import { stdioIsTransport } from "./streaming.ts";
- * console.assert(stdioIsTransport(["-fs", "streaming", "write=-"]));
- * console.assert(!stdioIsTransport(["-U", "-", "streaming", "write=-"]));
- * ```
- */
-export function stdioIsTransport(args: readonly string[]): boolean {
-  for (const arg of args) {
-    if (arg === "--") break;
-    if (arg === "--single" || arg === "--stdin") return true;
-    if (!/^-[A-Za-z]+$/.test(arg)) continue;
-    for (const ch of arg.slice(1)) {
-      if (ch === "s") return true;
-      if ("UpiePtD".includes(ch)) break; // the rest of the cluster is that option's value
-    }
-  }
-  return false;
-}
 
 /**
  * The part of the window that stages in-order writes for the pipe: an
@@ -130,7 +103,7 @@ export function createStreamingPlugin(): Plugin<null> {
    */
   async function target(): Promise<{ stream: Promise<AnyStream> }> {
     if (file === "-") {
-      if (stdioIsTransport(runtime.args)) {
+      if (!stdioSafe()) {
         const key = given[0];
         throw new Error(
           `${key}=- cannot be used with -s: standard input and output carry the NBD connection`,

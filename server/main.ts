@@ -14,6 +14,7 @@ import { logConfig } from "./log.ts";
 import { type Server, startServer } from "./serve.ts";
 import { loadTls, type TlsConfig, tlsLevel } from "./tls.ts";
 import { uriOf } from "./uri.ts";
+import { setStdioSafe } from "../plugins/stdio.ts";
 
 /** Set in the environment of the background child, which then reports readiness on stdout. */
 const DAEMON_ENV = "NBDKIT_TS_DAEMON";
@@ -293,6 +294,8 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
+  // Before any plugin code runs: its module may look, as nbdkit plugins do.
+  setStdioSafe(!args.single);
   let plugin: Plugin<unknown>;
   try {
     plugin = await loadPlugin(args.plugin);

@@ -437,6 +437,11 @@ except nbd.Error as e:
     assert.equal(two.status, 1);
     assert.equal(two.stderr.trim().split("\n").length, 1, two.stderr);
     assert.match(two.stderr, /not write= and read=/);
+    // With -s, stdin and stdout are the NBD connection: `-` cannot be the stream.
+    const stdio = await run([...ourCommand(), "-s", "streaming", "write=-"]);
+    assert.equal(stdio.status, 1, stdio.stderr);
+    assert.equal(stdio.stderr.trim().split("\n").length, 1, stdio.stderr);
+    assert.match(stdio.stderr, /write=- cannot be used with -s/);
     const help = sh(`${ourShell()} streaming --help`);
     assert.equal(help.status, 0, help.stderr);
     for (const key of ["pipe=", "write=", "read=", "size=", "window="]) {
