@@ -8,7 +8,6 @@ import type {
   FileInfo,
   FileKind,
   Listener,
-  RandomAccessFile,
   Runtime,
   SignalName,
   SpawnOptions,
@@ -16,6 +15,8 @@ import type {
 } from "./types.ts";
 import { readFirstLine } from "./first_line.ts";
 import { enlargeFifo, enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
+import { denoLibc } from "./deno_libc.ts";
+import { openDenoFile } from "./deno_file.ts";
 
 const encoder = new TextEncoder();
 
@@ -30,27 +31,11 @@ function writeAllSync(w: { writeSync(p: Uint8Array): number }, text: string): vo
   }
 }
 
-let pipeLibc: PipeLibc | null | undefined;
-
-/**
- * libc for {@linkcode enlargeFifo}, when FFI is allowed: asking would prompt
- * a user who ran without `--allow-ffi`, for a mere speed-up.
- */
+/** libc's calls for {@linkcode enlargeFifo}, when FFI is allowed. */
 function denoPipeLibc(): PipeLibc | null {
-  if (pipeLibc !== undefined) return pipeLibc;
-  pipeLibc = null;
-  try {
-    if (Deno.permissions.querySync({ name: "ffi" }).state === "granted") {
-      pipeLibc = Deno.dlopen("libc.so.6", {
-        open: { parameters: ["buffer", "i32"], result: "i32" },
-        fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
-        close: { parameters: ["i32"], result: "i32" },
-      }).symbols as unknown as PipeLibc;
-    }
-  } catch {
-    // no libc.so.6 (musl) or no FFI: pipes keep their size
-  }
-  return pipeLibc;
+  const libc = denoLibc();
+  return libc &&
+    { fcntl: libc.fcntl, open: (path, flags) => libc.open(path, flags, 0), close: libc.close };
 }
 
 /** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
@@ -180,60 +165,6 @@ function kindOf(info: Deno.FileInfo): FileKind {
   return "other";
 }
 
-class DenoFile implements RandomAccessFile {
-  #file: Deno.FsFile;
-  // Deno has no pread: seek and read must not interleave between requests.
-  #lock: Promise<unknown> = Promise.resolve();
-
-  constructor(file: Deno.FsFile) {
-    this.#file = file;
-  }
-
-  #locked<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.#lock.then(fn, fn);
-    this.#lock = run.catch(() => {});
-    return run;
-  }
-
-  pread(buf: Uint8Array, offset: number): Promise<void> {
-    return this.#locked(async () => {
-      await this.#file.seek(offset, Deno.SeekMode.Start);
-      let done = 0;
-      while (done < buf.length) {
-        const n = await this.#file.read(buf.subarray(done));
-        if (n === null) {
-          buf.fill(0, done);
-          return;
-        }
-        done += n;
-      }
-    });
-  }
-
-  pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    return this.#locked(async () => {
-      await this.#file.seek(offset, Deno.SeekMode.Start);
-      let done = 0;
-      while (done < buf.length) done += await this.#file.write(buf.subarray(done));
-    });
-  }
-
-  async size(): Promise<number> {
-    return (await this.#file.stat()).size;
-  }
-
-  sync(): Promise<void> {
-    return this.#locked(() => this.#file.syncData());
-  }
-
-  close(): Promise<void> {
-    return this.#locked(() => {
-      this.#file.close();
-      return Promise.resolve();
-    });
-  }
-}
-
 function mainScript(): string | undefined {
   const main = Deno.mainModule;
   return main.startsWith("file:") ? new URL(main).pathname : undefined;
@@ -350,9 +281,7 @@ export const denoRuntime: Runtime = {
     }
   },
 
-  async openFile(path, { write }) {
-    return new DenoFile(await Deno.open(path, { read: true, write }));
-  },
+  openFile: (path, { write }) => openDenoFile(path, write),
 
   async mkfifo(path) {
     const out = await new Deno.Command("mkfifo", {

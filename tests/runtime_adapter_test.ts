@@ -273,6 +273,11 @@ test("openFile: pwrite, pread, size, sync", async () => {
     const ro = await runtime.openFile(path, { write: false });
     await assert.rejects(ro.pwrite(new Uint8Array(1), 0));
     await ro.close();
+
+    // A failing read names its cause (on Deno, through its own API: FFI's errno is not visible).
+    const folder = await runtime.openFile(dir, { write: false });
+    await assert.rejects(folder.pread(new Uint8Array(512), 0), /directory/i);
+    await folder.close();
   } finally {
     cleanup();
   }

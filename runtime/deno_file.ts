@@ -1,0 +1,130 @@
+/**
+ * Files for random access on Deno.
+ *
+ * Deno's `FsFile` has no positional reads or writes: a request seeks, then
+ * reads, and requests on one file must take turns. When FFI is allowed the
+ * file is opened a second time through libc and served with `pread` and
+ * `pwrite` on Deno's blocking threads, concurrently (nbdcopy of a 1 GiB
+ * file: see bench/RESULTS.md). Errors are reported by Deno's own calls: a
+ * failed `pread`/`pwrite` is done again the slow way, which throws Deno's
+ * message for it (libc's errno is not visible from here).
+ *
+ * @module
+ */
+import type { RandomAccessFile } from "./types.ts";
+import { cString, type DenoLibc, denoLibc } from "./deno_libc.ts";
+
+const O_RDONLY = 0;
+const O_RDWR = 2;
+const O_CLOEXEC = 0o2000000;
+
+/**
+ * Open `path` for random access.
+ *
+ * @param path The file or block device.
+ * @param write Whether writes are allowed.
+ * @returns The file.
+ */
+export async function openDenoFile(path: string, write: boolean): Promise<RandomAccessFile> {
+  // Deno.open first: its errors ("No such file or directory (os error 2)") are the ones reported.
+  const file = await Deno.open(path, { read: true, write });
+  const libc = denoLibc();
+  const fd = libc ? libc.open(cString(path), (write ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0) : -1;
+  return new DenoFile(file, fd >= 0 ? libc : null, fd);
+}
+
+class DenoFile implements RandomAccessFile {
+  #file: Deno.FsFile;
+  #libc: DenoLibc | null;
+  #fd: number;
+  // Seek and read must not interleave between requests on the slow path.
+  #lock: Promise<unknown> = Promise.resolve();
+
+  constructor(file: Deno.FsFile, libc: DenoLibc | null, fd: number) {
+    this.#file = file;
+    this.#libc = libc;
+    this.#fd = fd;
+  }
+
+  #locked<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#lock.then(fn, fn);
+    this.#lock = run.catch(() => {});
+    return run;
+  }
+
+  async pread(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    if (this.#libc) {
+      while (done < buf.length) {
+        const n = Number(
+          await this.#libc.pread(
+            this.#fd,
+            buf.subarray(done) as Uint8Array<ArrayBuffer>,
+            BigInt(buf.length - done),
+            BigInt(offset + done),
+          ),
+        );
+        if (n <= 0) break; // the end of the file, or an error the slow path will name
+        done += n;
+      }
+      if (done === buf.length) return;
+    }
+    await this.#slowPread(buf.subarray(done), offset + done);
+  }
+
+  #slowPread(buf: Uint8Array, offset: number): Promise<void> {
+    return this.#locked(async () => {
+      await this.#file.seek(offset, Deno.SeekMode.Start);
+      let done = 0;
+      while (done < buf.length) {
+        const n = await this.#file.read(buf.subarray(done));
+        if (n === null) {
+          buf.fill(0, done);
+          return;
+        }
+        done += n;
+      }
+    });
+  }
+
+  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    if (this.#libc) {
+      while (done < buf.length) {
+        const n = Number(
+          await this.#libc.pwrite(
+            this.#fd,
+            buf.subarray(done) as Uint8Array<ArrayBuffer>,
+            BigInt(buf.length - done),
+            BigInt(offset + done),
+          ),
+        );
+        if (n <= 0) break;
+        done += n;
+      }
+      if (done === buf.length) return;
+    }
+    await this.#locked(async () => {
+      await this.#file.seek(offset + done, Deno.SeekMode.Start);
+      while (done < buf.length) done += await this.#file.write(buf.subarray(done));
+    });
+  }
+
+  async size(): Promise<number> {
+    return (await this.#file.stat()).size;
+  }
+
+  async sync(): Promise<void> {
+    if (this.#libc && await this.#libc.fdatasync(this.#fd) === 0) return;
+    await this.#locked(() => this.#file.syncData());
+  }
+
+  close(): Promise<void> {
+    return this.#locked(() => {
+      if (this.#libc) this.#libc.close(this.#fd);
+      this.#libc = null;
+      this.#file.close();
+      return Promise.resolve();
+    });
+  }
+}

@@ -1,0 +1,47 @@
+/**
+ * The few libc calls the Deno adapter makes through `Deno.dlopen`: Deno has
+ * no `fcntl` (pipe sizes) and no positional file I/O (its files seek, then
+ * read, so requests on one file had to take turns).
+ *
+ * @module
+ */
+
+const SYMBOLS = {
+  open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // On Deno's blocking threads: concurrent, and the event loop runs on.
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  fdatasync: { parameters: ["i32"], result: "i32", nonblocking: true },
+} as const;
+
+/** The calls, as `Deno.dlopen` types them. */
+export type DenoLibc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let libc: DenoLibc | null | undefined;
+
+/**
+ * libc, when FFI is already allowed: asking would prompt a user who ran
+ * without `--allow-ffi`, for a mere speed-up. Null without it (or on a libc
+ * other than glibc): callers keep Deno's own, slower ways.
+ *
+ * @returns The calls, or null.
+ */
+export function denoLibc(): DenoLibc | null {
+  if (libc !== undefined) return libc;
+  libc = null;
+  try {
+    if (Deno.permissions.querySync({ name: "ffi" }).state === "granted") {
+      libc = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+    }
+  } catch {
+    // no libc.so.6
+  }
+  return libc;
+}
+
+/** `text` NUL-terminated, for a `char *` argument. */
+export function cString(text: string): Uint8Array<ArrayBuffer> {
+  return new TextEncoder().encode(`${text}\0`);
+}
