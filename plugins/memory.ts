@@ -23,54 +23,51 @@ export class SparseArray {
     return this.#pages.size;
   }
 
-  /** Copy bytes at `offset` into `buf`; missing pages read as zeroes. */
-  read(buf: Uint8Array, offset: number): void {
-    let done = 0;
-    while (done < buf.length) {
-      const at = offset + done;
-      const index = Math.floor(at / PAGE);
-      const within = at - index * PAGE;
-      const n = Math.min(PAGE - within, buf.length - done);
-      const page = this.#pages.get(index);
-      if (page) buf.set(page.subarray(within, within + n), done);
-      else buf.fill(0, done, done + n);
-      done += n;
-    }
-  }
-
-  /** Copy `buf` to `offset`, allocating pages. */
-  write(buf: Uint8Array, offset: number): void {
-    let done = 0;
-    while (done < buf.length) {
-      const at = offset + done;
-      const index = Math.floor(at / PAGE);
-      const within = at - index * PAGE;
-      const n = Math.min(PAGE - within, buf.length - done);
-      let page = this.#pages.get(index);
-      if (!page) {
-        page = new Uint8Array(PAGE);
-        this.#pages.set(index, page);
-      }
-      page.set(n === buf.length ? buf : buf.subarray(done, done + n), within);
-      done += n;
-    }
-  }
-
-  /** Make `count` bytes at `offset` zero, freeing whole pages. */
-  zero(count: number, offset: number): void {
-    let done = 0;
-    while (done < count) {
+  /**
+   * Walk `count` bytes at `offset` page by page: `fn` gets the page's index,
+   * where in the page the piece starts, how far into the range, and its length.
+   */
+  #pieces(
+    offset: number,
+    count: number,
+    fn: (index: number, within: number, done: number, n: number) => void,
+  ): void {
+    for (let done = 0; done < count;) {
       const at = offset + done;
       const index = Math.floor(at / PAGE);
       const within = at - index * PAGE;
       const n = Math.min(PAGE - within, count - done);
-      const page = this.#pages.get(index);
-      if (page) {
-        if (n === PAGE) this.#pages.delete(index);
-        else page.fill(0, within, within + n);
-      }
+      fn(index, within, done, n);
       done += n;
     }
+  }
+
+  /** Copy bytes at `offset` into `buf`; missing pages read as zeroes. */
+  read(buf: Uint8Array, offset: number): void {
+    this.#pieces(offset, buf.length, (index, within, done, n) => {
+      const page = this.#pages.get(index);
+      if (page) buf.set(page.subarray(within, within + n), done);
+      else buf.fill(0, done, done + n);
+    });
+  }
+
+  /** Copy `buf` to `offset`, allocating pages. */
+  write(buf: Uint8Array, offset: number): void {
+    this.#pieces(offset, buf.length, (index, within, done, n) => {
+      let page = this.#pages.get(index);
+      if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));
+      page.set(n === buf.length ? buf : buf.subarray(done, done + n), within);
+    });
+  }
+
+  /** Make `count` bytes at `offset` zero, freeing whole pages. */
+  zero(count: number, offset: number): void {
+    this.#pieces(offset, count, (index, within, _done, n) => {
+      const page = this.#pages.get(index);
+      if (!page) return;
+      if (n === PAGE) this.#pages.delete(index);
+      else page.fill(0, within, within + n);
+    });
   }
 
   /** Whether the page holding `offset` is allocated. */
