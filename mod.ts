@@ -14,8 +14,8 @@
  * - {@linkcode NbdError} chooses the errno a client sees; {@linkcode parseSize}
  *   reads sizes as nbdkit writes them (`1G`, `4k`, `2s`…).
  * - Built in: {@linkcode createMemoryPlugin}, {@linkcode createNullPlugin},
- *   {@linkcode createFilePlugin}, {@linkcode createStreamingPlugin} and
- *   {@linkcode libvirtPlugin}.
+ *   {@linkcode createFilePlugin}, {@linkcode createStreamingPlugin},
+ *   {@linkcode createLibvirtPlugin} and {@linkcode libvirtPlugin}.
  *
  * @example A RAM disk of your own, served on a free TCP port
  * ```ts
@@ -40,7 +40,7 @@
  */
 import type { Plugin } from "./plugins/plugin.ts";
 import { createFilePlugin as createFilePluginOf } from "./plugins/file.ts";
-import libvirt from "./plugins/libvirt/mod.ts";
+import libvirt, { createLibvirtPlugin as createLibvirtPluginOf } from "./plugins/libvirt/mod.ts";
 import { type ServeOptions, type Server, startServer } from "./server/serve.ts";
 import { uriOf } from "./server/uri.ts";
 
@@ -206,10 +206,44 @@ export async function serve<H>(
 export { createStreamingPlugin } from "./plugins/streaming.ts";
 
 /**
+ * Create a libvirt plugin, as `nbdkit-ts libvirt [connect=URI]
+ * domain=DOMAIN [disk=DISK]` uses: read-only access to a libvirt guest's
+ * disks through `virDomainBlockPeek`. Each one has its own parameters and
+ * its own libvirt connection (opened by `getReady`, closed by `unload`), so
+ * one program can serve several guests or disks, over as many libvirt URIs.
+ * libvirt itself is loaded through FFI only by `getReady`. Its handle is
+ * opaque: pass it back.
+ *
+ * @returns A fresh, unconfigured plugin.
+ *
+ * @example Serve two disks of a guest at once (needs libvirtd and a guest named MyGuest)
+ * ```ts ignore
+ * import { createLibvirtPlugin, serve } from "@nbdkit-ts/nbdkit-ts";
+ * const sda = await serve(createLibvirtPlugin(), {
+ *   config: { connect: "qemu:///system", domain: "MyGuest", disk: "sda" },
+ *   hostname: "127.0.0.1",
+ *   port: 10809,
+ * });
+ * const sdb = await serve(createLibvirtPlugin(), {
+ *   config: { connect: "qemu:///system", domain: "MyGuest", disk: "sdb" },
+ *   hostname: "127.0.0.1",
+ *   port: 10810,
+ * });
+ * // nbdcopy nbd://127.0.0.1 sda.raw; nbdcopy nbd://127.0.0.1:10810 sdb.raw
+ * await sda.close();
+ * await sdb.close();
+ * ```
+ */
+export function createLibvirtPlugin(): Plugin {
+  return createLibvirtPluginOf();
+}
+
+/**
  * The libvirt plugin, as `nbdkit-ts libvirt [connect=URI] domain=DOMAIN
  * [disk=DISK]` uses it: read-only access to a libvirt guest's disks through
- * `virDomainBlockPeek`. There is one per process (its configuration is the
- * module's), and libvirt itself is loaded through FFI only by `getReady`.
+ * `virDomainBlockPeek`. It is the instance the command line serves; each
+ * {@linkcode createLibvirtPlugin} call makes another, with its own parameters
+ * and connection. libvirt itself is loaded through FFI only by `getReady`.
  *
  * @example Serve a guest's disk (needs libvirtd and a guest named MyGuest)
  * ```ts ignore

@@ -8,6 +8,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { createLibvirtPlugin, type RunningServer, serve } from "../mod.ts";
 import {
   captive,
   nbdkitTs,
@@ -15,6 +16,7 @@ import {
   requireTool,
   scratch,
   sh,
+  shAsync,
   startTestServer,
   type TestServer,
 } from "./helpers.ts";
@@ -54,6 +56,17 @@ function assertOpenFails(server: TestServer, name: string): void {
 function copyAndHash(uri: string, dir: string): string {
   const out = join(dir, "copy.raw");
   const r = sh(`nbdcopy '${uri}' '${out}' && sha256sum '${out}' && rm -f '${out}'`);
+  assert.equal(r.status, 0, r.stderr);
+  return r.stdout.split(" ")[0];
+}
+
+/**
+ * {@linkcode copyAndHash} without blocking the event loop, for a server
+ * running in this process (`serve()`), copied to `dir/name`.
+ */
+async function copyAndHashAsync(uri: string, dir: string, name: string): Promise<string> {
+  const out = join(dir, name);
+  const r = await shAsync(`nbdcopy '${uri}' '${out}' && sha256sum '${out}' && rm -f '${out}'`);
   assert.equal(r.status, 0, r.stderr);
   return r.stdout.split(" ")[0];
 }
@@ -108,6 +121,45 @@ describe("libvirt plugin", () => {
       assert.equal(copyAndHash(server.uri, dir), env.disk("sda").sha256);
     } finally {
       await server.stop();
+    }
+  });
+
+  test("createLibvirtPlugin(): two instances in one process, each its own disk and connection", async () => {
+    // Each serves its own disk of the test domain: sda (256 MiB) by target,
+    // over the local libvirtd; sdb (3 MiB and 512 bytes) by source path, over
+    // the second libvirtd (qemu+tcp). Were the configuration shared, as it
+    // was at module level, the second's parameters would have made the first
+    // serve sdb too. The first is read again once the second is closed: the
+    // second's unload closes its own connection, not the first's.
+    const sda = env.disk("sda");
+    const sdb = env.disk("sdb");
+    const first = await serve(createLibvirtPlugin(), {
+      config: { domain: env.domain, disk: "sda" },
+      unixSocket: join(dir, "first.sock"),
+    });
+    let second: RunningServer | undefined;
+    try {
+      second = await serve(createLibvirtPlugin(), {
+        config: { connect: remote.uri, domain: env.domain, disk: sdb.path },
+        unixSocket: join(dir, "second.sock"),
+      });
+      const [a, b] = await Promise.all([
+        copyAndHashAsync(first.uri, dir, "first.raw"),
+        copyAndHashAsync(second.uri, dir, "second.raw"),
+      ]);
+      assert.equal(a, sda.sha256, "first: sda");
+      assert.equal(b, sdb.sha256, "second: sdb");
+      const sizes = await shAsync(
+        `nbdinfo --size '${first.uri}' && nbdinfo --size '${second.uri}'`,
+      );
+      assert.equal(sizes.status, 0, sizes.stderr);
+      assert.deepEqual(sizes.stdout.trim().split("\n"), [String(sda.size), String(sdb.size)]);
+      await second.close();
+      second = undefined;
+      assert.equal(await copyAndHashAsync(first.uri, dir, "first.raw"), sda.sha256);
+    } finally {
+      await second?.close();
+      await first.close();
     }
   });
 

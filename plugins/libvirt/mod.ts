@@ -5,4 +5,5 @@
  */
 import libvirtPlugin from "./plugin.ts";
 
+export { createLibvirtPlugin } from "./plugin.ts";
 export default libvirtPlugin;
