@@ -10,7 +10,6 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { readdirSync } from "node:fs";
-import { connect, type Socket } from "node:net";
 import {
   CLIENT_ENV,
   nbdsh,
@@ -20,6 +19,17 @@ import {
   type TestServer,
 } from "./helpers.ts";
 import { alive, Rng } from "./_fuzz_helpers.ts";
+import {
+  CMD,
+  concat,
+  OPT,
+  optionBytes,
+  RawClient,
+  requestBytes,
+  u16,
+  u32,
+  view,
+} from "./raw_client.ts";
 
 const MiB = 1024 * 1024;
 /** The export: sparse, so only what the tests write takes memory. */
@@ -35,88 +45,30 @@ const ROUNDS = 4;
  * A client that pipelines requests and matches replies by cookie, simple or
  * structured, in whatever order they come.
  */
-class PipeClient {
-  #socket: Socket;
-  #chunks: Uint8Array[] = [];
-  #length = 0;
-  #ended = false;
-  #wake: (() => void) | null = null;
+class PipeClient extends RawClient {
   structured = false;
 
-  private constructor(socket: Socket) {
-    this.#socket = socket;
-    socket.on("data", (d: Uint8Array) => {
-      this.#chunks.push(d);
-      this.#length += d.length;
-      this.#poke();
-    });
-    socket.on("error", () => {});
-    socket.on("close", () => {
-      this.#ended = true;
-      this.#poke();
-    });
+  static override async connect(path: string): Promise<PipeClient> {
+    return new PipeClient(await RawClient.open(path));
   }
 
-  #poke(): void {
-    const w = this.#wake;
-    this.#wake = null;
-    w?.();
-  }
-
-  static connect(path: string): Promise<PipeClient> {
-    return new Promise((resolve, reject) => {
-      const s = connect({ path }, () => resolve(new PipeClient(s)));
-      s.once("error", reject);
-    });
-  }
-
-  /** Exactly `n` bytes (copied out of the received chunks), or an error on close or timeout. */
-  async read(n: number, deadline = Date.now() + 30_000): Promise<Uint8Array> {
-    while (this.#length < n) {
-      if (this.#ended) throw new Error(`connection closed waiting for ${n} bytes`);
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes`);
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-        setTimeout(resolve, 100);
-      });
-    }
-    const out = new Uint8Array(n);
-    let at = 0;
-    while (at < n) {
-      const head = this.#chunks[0];
-      const take = Math.min(head.length, n - at);
-      out.set(head.subarray(0, take), at);
-      at += take;
-      if (take === head.length) this.#chunks.shift();
-      else this.#chunks[0] = head.subarray(take);
-    }
-    this.#length -= n;
-    return out;
-  }
-
-  send(bytes: Uint8Array): void {
-    this.#socket.write(bytes);
-  }
-
-  destroy(): void {
-    this.#socket.destroy();
+  /** Exactly `n` bytes, or an error on close or timeout. */
+  override async read(n: number, ms = 30_000): Promise<Uint8Array> {
+    const b = await super.read(n, ms);
+    if (!b) throw new Error(`connection closed waiting for ${n} bytes`);
+    return b;
   }
 
   /** Fixed newstyle, NO_ZEROES, optionally structured replies, then GO on the default export. */
   async handshake(structured: boolean): Promise<void> {
-    await this.read(18);
-    const opts: Uint8Array[] = [u32(3)];
-    if (structured) opts.push(option(8, new Uint8Array(0)));
-    opts.push(option(7, cat(u32(0), u16(0))));
-    this.send(cat(...opts));
+    await this.greet(3);
+    const go = optionBytes(OPT.GO, concat(u32(0), u16(0)));
+    this.send(structured ? concat(optionBytes(OPT.STRUCTURED_REPLY), go) : go);
     for (;;) {
-      const h = view(await this.read(20));
-      const type = h.getUint32(12);
-      const len = h.getUint32(16);
-      if (len) await this.read(len);
-      if (type >= 0x80000000) throw new Error(`option refused: 0x${type.toString(16)}`);
-      if (type !== 1) continue; // NBD_REP_INFO
-      if (h.getUint32(8) === 8) {
+      const r = (await this.optionReply())!;
+      if (r.type >= 0x80000000) throw new Error(`option refused: 0x${r.type.toString(16)}`);
+      if (r.type !== 1) continue; // NBD_REP_INFO
+      if (r.option === OPT.STRUCTURED_REPLY) {
         this.structured = true;
         continue;
       }
@@ -155,40 +107,6 @@ class PipeClient {
   }
 }
 
-function u16(n: number): Uint8Array {
-  const b = new Uint8Array(2);
-  view(b).setUint16(0, n);
-  return b;
-}
-function u32(n: number): Uint8Array {
-  const b = new Uint8Array(4);
-  view(b).setUint32(0, n);
-  return b;
-}
-function u64(n: bigint): Uint8Array {
-  const b = new Uint8Array(8);
-  view(b).setBigUint64(0, n);
-  return b;
-}
-function view(b: Uint8Array): DataView {
-  return new DataView(b.buffer, b.byteOffset, b.byteLength);
-}
-function cat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-function option(code: number, data: Uint8Array): Uint8Array {
-  return cat(u64(0x49484156454f5054n), u32(code), u32(data.length), data);
-}
-function request(type: number, cookie: bigint, offset: number, count: number): Uint8Array {
-  return cat(u32(0x25609513), u16(0), u16(type), u64(cookie), u64(BigInt(offset)), u32(count));
-}
-
 /**
  * One client's work: `rounds` times, write its region in pipelined pieces
  * with fresh random bytes, then read it back in pipelined pieces and compare.
@@ -217,11 +135,11 @@ async function verifyRegion(
         const cookie = BigInt(round * 1000 + p);
         writes.set(cookie, 0);
         out.push(
-          request(1, cookie, base + p * piece, piece),
+          requestBytes(CMD.WRITE, BigInt(base + p * piece), piece, { cookie }),
           data.subarray(p * piece, (p + 1) * piece),
         );
       }
-      c.send(cat(...out));
+      c.send(concat(...out));
       await c.replies(writes);
       const reads = new Map<bigint, number>();
       const offsets = new Map<bigint, number>();
@@ -230,9 +148,9 @@ async function verifyRegion(
         const cookie = BigInt(round * 1000 + 500 + p);
         reads.set(cookie, piece);
         offsets.set(cookie, base + p * piece);
-        req.push(request(0, cookie, base + p * piece, piece));
+        req.push(requestBytes(CMD.READ, BigInt(base + p * piece), piece, { cookie }));
       }
-      c.send(cat(...req));
+      c.send(concat(...req));
       const got = structured ? await structuredReads(c, reads, offsets) : await c.replies(reads);
       for (let p = 0; p < PIECES; p++) {
         const back = got.get(BigInt(round * 1000 + 500 + p))!;

@@ -14,12 +14,12 @@ export const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, ZERO: 6, STA
 /** A raw connection with exact-length reads. */
 export class RawClient {
   #socket: Socket;
-  #buffered: Buffer[] = [];
+  #buffered: Uint8Array[] = [];
   #length = 0;
   #ended = false;
   #waiter: (() => void) | null = null;
 
-  private constructor(socket: Socket) {
+  protected constructor(socket: Socket) {
     this.#socket = socket;
     socket.on("data", (d: Buffer) => {
       this.#buffered.push(d);
@@ -41,12 +41,25 @@ export class RawClient {
     w?.();
   }
 
-  /** Connect to a Unix socket. */
-  static connect(path: string): Promise<RawClient> {
+  /** Until data arrives, the connection ends, or 50 ms pass. */
+  #wait(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      this.#waiter = resolve;
+      setTimeout(resolve, 50);
+    });
+  }
+
+  /** Open a connection to a Unix socket, for `connect` here and in subclasses. */
+  protected static open(path: string): Promise<Socket> {
     return new Promise((resolve, reject) => {
-      const s = connect({ path }, () => resolve(new RawClient(s)));
+      const s = connect({ path }, () => resolve(s));
       s.once("error", reject);
     });
+  }
+
+  /** Connect to a Unix socket. */
+  static async connect(path: string): Promise<RawClient> {
+    return new RawClient(await RawClient.open(path));
   }
 
   /** Send bytes (errors are ignored: the server may have closed). */
@@ -54,21 +67,29 @@ export class RawClient {
     if (!this.#socket.destroyed) this.#socket.write(bytes, () => {});
   }
 
-  /** Read exactly `n` bytes, or null if the server closed first. Times out after `ms`. */
+  /**
+   * Read exactly `n` bytes (copied out of the received chunks), or null if the
+   * server closed first. Times out after `ms`.
+   */
   async read(n: number, ms = 10_000): Promise<Uint8Array | null> {
     const deadline = Date.now() + ms;
     while (this.#length < n) {
       if (this.#ended) return null;
       if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes`);
-      await new Promise<void>((resolve) => {
-        this.#waiter = resolve;
-        setTimeout(resolve, 50);
-      });
+      await this.#wait();
     }
-    const all = Buffer.concat(this.#buffered);
-    this.#buffered = [all.subarray(n)];
+    const out = new Uint8Array(n);
+    let at = 0;
+    while (at < n) {
+      const head = this.#buffered[0];
+      const take = Math.min(head.length, n - at);
+      out.set(head.subarray(0, take), at);
+      at += take;
+      if (take === head.length) this.#buffered.shift();
+      else this.#buffered[0] = head.subarray(take);
+    }
     this.#length -= n;
-    return new Uint8Array(all.subarray(0, n));
+    return out;
   }
 
   /** Resolves true when the server closes the connection within `ms`. */
@@ -76,10 +97,7 @@ export class RawClient {
     const deadline = Date.now() + ms;
     while (!this.#ended) {
       if (Date.now() > deadline) return false;
-      await new Promise<void>((resolve) => {
-        this.#waiter = resolve;
-        setTimeout(resolve, 50);
-      });
+      await this.#wait();
     }
     return true;
   }
@@ -94,19 +112,19 @@ export class RawClient {
     const g = await this.read(18);
     if (!g) throw new Error("no greeting");
     this.send(u32(clientFlags));
-    return new DataView(g.buffer).getUint16(16);
+    return view(g).getUint16(16);
   }
 
   /** Send an option. */
   option(option: number, data: Uint8Array = new Uint8Array(0), length = data.length): void {
-    this.send(concat(u64(0x49484156454f5054n), u32(option), u32(length), data));
+    this.send(optionBytes(option, data, length));
   }
 
   /** Read one option reply header and payload. */
   async optionReply(): Promise<{ option: number; type: number; data: Uint8Array } | null> {
     const h = await this.read(20);
     if (!h) return null;
-    const v = new DataView(h.buffer);
+    const v = view(h);
     const len = v.getUint32(16);
     const data = len > 0 ? await this.read(len) : new Uint8Array(0);
     return { option: v.getUint32(8), type: v.getUint32(12), data: data ?? new Uint8Array(0) };
@@ -124,7 +142,7 @@ export class RawClient {
       if (!r) throw new Error("closed during GO");
       if (r.type === 1) break;
       if (r.type >= 0x80000000) throw new Error(`GO failed: 0x${r.type.toString(16)}`);
-      const v = new DataView(r.data.buffer, r.data.byteOffset);
+      const v = view(r.data);
       if (v.getUint16(0) === 0) {
         size = v.getBigUint64(2);
         flags = v.getUint16(10);
@@ -138,17 +156,9 @@ export class RawClient {
     type: number,
     offset: bigint,
     count: number,
-    options: { flags?: number; cookie?: bigint; payload?: Uint8Array; magic?: number } = {},
+    options: RequestOptions = {},
   ): void {
-    this.send(concat(
-      u32(options.magic ?? 0x25609513),
-      u16(options.flags ?? 0),
-      u16(type),
-      u64(options.cookie ?? 1n),
-      u64(offset),
-      u32(count),
-      options.payload ?? new Uint8Array(0),
-    ));
+    this.send(requestBytes(type, offset, count, options));
   }
 
   /** Read a simple reply; returns its error and cookie, or null when closed. */
@@ -157,12 +167,52 @@ export class RawClient {
   ): Promise<{ error: number; cookie: bigint; data: Uint8Array } | null> {
     const h = await this.read(16);
     if (!h) return null;
-    const v = new DataView(h.buffer);
+    const v = view(h);
     if (v.getUint32(0) !== 0x67446698) throw new Error("not a simple reply");
     const error = v.getUint32(4);
     const data = error === 0 && dataLength > 0 ? await this.read(dataLength) : new Uint8Array(0);
     return { error, cookie: v.getBigUint64(8), data: data ?? new Uint8Array(0) };
   }
+}
+
+/** The bytes of an option (IHAVEOPT, option, length, data); `length` may lie. */
+export function optionBytes(
+  option: number,
+  data: Uint8Array = new Uint8Array(0),
+  length = data.length,
+): Uint8Array {
+  return concat(u64(0x49484156454f5054n), u32(option), u32(length), data);
+}
+
+/** What a request may set besides type, offset and count. */
+export interface RequestOptions {
+  flags?: number;
+  cookie?: bigint;
+  payload?: Uint8Array;
+  magic?: number;
+}
+
+/** The bytes of a request header (and payload, if given); cookie 1 unless told. */
+export function requestBytes(
+  type: number,
+  offset: bigint,
+  count: number,
+  options: RequestOptions = {},
+): Uint8Array {
+  return concat(
+    u32(options.magic ?? 0x25609513),
+    u16(options.flags ?? 0),
+    u16(type),
+    u64(options.cookie ?? 1n),
+    u64(offset),
+    u32(count),
+    options.payload ?? new Uint8Array(0),
+  );
+}
+
+/** A DataView over exactly the bytes of `b`. */
+export function view(b: Uint8Array): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
 
 /** Bytes of a u16. */
