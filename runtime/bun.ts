@@ -13,10 +13,9 @@ import {
   nodeRuntime,
   openStream,
   READ_HIGH_WATER_MARK,
-  readableFromNode,
   removeStaleSocket,
   startTlsOverStreams,
-  writableFromNode,
+  stdStreams,
   writeStreamFlags,
 } from "./node.ts";
 import { constants } from "node:fs";
@@ -372,13 +371,5 @@ export const bunRuntime: Runtime = {
     return openStream(path, flags, await enlarging(fdWritable), fdWritable);
   },
 
-  stdinStream() {
-    bunPipeLibc().then((libc) => enlargePipeFd(libc, 0));
-    const { stdin } = process;
-    return readableFromNode(stdin, () => stdin.pause());
-  },
-  stdoutStream() {
-    bunPipeLibc().then((libc) => enlargePipeFd(libc, 1));
-    return writableFromNode(process.stdout);
-  },
+  ...stdStreams(bunPipeLibc),
 };

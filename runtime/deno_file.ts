@@ -52,24 +52,31 @@ class DenoFile implements RandomAccessFile {
     return run;
   }
 
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
+  /**
+   * `pread` or `pwrite` through libc until `buf` is done, the file ends or
+   * a call fails. Returns how many bytes were done: the caller finishes the
+   * rest the slow way, which also names an error.
+   */
+  async #positional(call: "pread" | "pwrite", buf: Uint8Array, offset: number): Promise<number> {
     let done = 0;
-    if (this.#libc) {
-      while (done < buf.length) {
-        const n = Number(
-          await this.#libc.pread(
-            this.#fd,
-            buf.subarray(done) as Uint8Array<ArrayBuffer>,
-            BigInt(buf.length - done),
-            BigInt(offset + done),
-          ),
-        );
-        if (n <= 0) break; // the end of the file, or an error the slow path will name
-        done += n;
-      }
-      if (done === buf.length) return;
+    while (this.#libc && done < buf.length) {
+      const n = Number(
+        await this.#libc[call](
+          this.#fd,
+          buf.subarray(done) as Uint8Array<ArrayBuffer>,
+          BigInt(buf.length - done),
+          BigInt(offset + done),
+        ),
+      );
+      if (n <= 0) break;
+      done += n;
     }
-    await this.#slowPread(buf.subarray(done), offset + done);
+    return done;
+  }
+
+  async pread(buf: Uint8Array, offset: number): Promise<void> {
+    const done = await this.#positional("pread", buf, offset);
+    if (done < buf.length) await this.#slowPread(buf.subarray(done), offset + done);
   }
 
   #slowPread(buf: Uint8Array, offset: number): Promise<void> {
@@ -88,22 +95,8 @@ class DenoFile implements RandomAccessFile {
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
-    if (this.#libc) {
-      while (done < buf.length) {
-        const n = Number(
-          await this.#libc.pwrite(
-            this.#fd,
-            buf.subarray(done) as Uint8Array<ArrayBuffer>,
-            BigInt(buf.length - done),
-            BigInt(offset + done),
-          ),
-        );
-        if (n <= 0) break;
-        done += n;
-      }
-      if (done === buf.length) return;
-    }
+    let done = await this.#positional("pwrite", buf, offset);
+    if (done === buf.length) return;
     await this.#locked(async () => {
       await this.#file.seek(offset + done, Deno.SeekMode.Start);
       while (done < buf.length) done += await this.#file.write(buf.subarray(done));

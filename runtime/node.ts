@@ -626,6 +626,29 @@ export async function openStream<S>(
   }
 }
 
+/**
+ * `stdinStream` and `stdoutStream` of the Node and Bun adapters, which enlarge
+ * the pipes through their own FFI.
+ *
+ * @param libc The adapter's libc loader.
+ * @returns The two methods.
+ */
+export function stdStreams(
+  libc: () => Promise<PipeLibc | null>,
+): Pick<Runtime, "stdinStream" | "stdoutStream"> {
+  return {
+    stdinStream() {
+      libc().then((l) => enlargePipeFd(l, 0));
+      const { stdin } = process;
+      return readableFromNode(stdin, () => stdin.pause());
+    },
+    stdoutStream() {
+      libc().then((l) => enlargePipeFd(l, 1));
+      return writableFromNode(process.stdout);
+    },
+  };
+}
+
 let koffiLibc: Promise<PipeLibc | null> | undefined;
 
 /**
@@ -952,15 +975,7 @@ export const nodeRuntime: Runtime = {
     }, fdWritable);
   },
 
-  stdinStream() {
-    nodePipeLibc().then((libc) => enlargePipeFd(libc, 0));
-    const { stdin } = process;
-    return readableFromNode(stdin, () => stdin.pause());
-  },
-  stdoutStream() {
-    nodePipeLibc().then((libc) => enlargePipeFd(libc, 1));
-    return writableFromNode(process.stdout);
-  },
+  ...stdStreams(nodePipeLibc),
   writeTextFile: (path, text) => fsp.writeFile(path, text),
   async removeFile(path) {
     try {
