@@ -3,9 +3,12 @@
  * through nbdkit's (C), on the same domain, in the same run, alternating.
  *
  * ```
- * deno run -A bench/libvirt.ts [--rounds=5] [--size=1024] [--requests=256K]
- * bun bench/libvirt.ts …            # our server on Bun (NBDKIT_TS_CMD overrides)
+ * deno run -A bench/libvirt.ts [--rounds=5] [--size=1024] [--requests=256K] [--runtime=deno]
  * ```
+ *
+ * `--runtime=bun` or `--runtime=node` (the npm build: `deno task build:npm`
+ * first) runs our server on that runtime; `NBDKIT_TS_CMD` (a JSON array)
+ * overrides the command altogether.
  *
  * `--size` is in MiB. Each round starts both servers on Unix sockets and
  * times nbdcopy alone (server start-up excluded), then reads the CPU time
@@ -18,7 +21,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { existsSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ourCommand, RUNTIME } from "../tests/helpers.ts";
+import { REPO } from "../tests/helpers.ts";
 import { must, setupLibvirt } from "../tests/libvirt_env.ts";
 
 const args = Object.fromEntries(
@@ -27,6 +30,15 @@ const args = Object.fromEntries(
 const rounds = Number(args.rounds ?? 5);
 const sizeMiB = Number(args.size ?? 1024);
 const requestSize = args.requests ?? "";
+const runtime = args.runtime ?? "deno";
+const BIN = join(REPO, "node_modules", ".bin");
+const commands: Record<string, string[]> = {
+  deno: [join(BIN, "deno"), "run", "-A", "--no-check", join(REPO, "cli.ts")],
+  bun: [join(BIN, "bun"), join(REPO, "cli.ts")],
+  node: ["node", join(REPO, "npm", "dist", "esm", "cli.js")],
+};
+const ours = process.env.NBDKIT_TS_CMD ? JSON.parse(process.env.NBDKIT_TS_CMD) : commands[runtime];
+if (!ours) throw new Error(`--runtime=${runtime}: one of ${Object.keys(commands).join(", ")}`);
 const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH ?? ""}` };
 
 /** CPU seconds (user + system) a process has used so far. */
@@ -92,11 +104,11 @@ function median(xs: number[]): number {
 const env = await setupLibvirt({ bigSize: sizeMiB * 1024 * 1024, extraDisks: false });
 try {
   const params = ["libvirt", `domain=${env.domain}`, "disk=sda"];
-  const programs = { ours: ourCommand(), nbdkit: ["nbdkit"] };
+  const programs = { ours, nbdkit: ["nbdkit"] };
   const cores = must("nproc", []).trim();
   console.log(
     `nbdcopy of a ${sizeMiB} MiB raw guest disk to null:, ${rounds} rounds, ${cores} cores, ` +
-      `ours on ${RUNTIME}${requestSize ? `, --request-size=${requestSize}` : ""}`,
+      `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}`,
   );
   const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
   for (let i = 0; i < rounds; i++) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark of the streaming plugin: a 1 GiB qcow2 of random data turned into
-# a raw byte stream read by sha256sum, ours against nbdcopy, in the same run.
+# Benchmark of the streaming plugin: a qcow2 of random data (1 GiB unless
+# SIZE says) turned into a raw byte stream read by sha256sum, ours against
+# nbdcopy, in the same run.
 #
 #   ours:    nbdkit-ts -U - streaming write=FIFO --run 'qemu-img convert -n IN -O raw $nbd'
 #            with sha256sum < FIFO
@@ -13,7 +14,9 @@
 #
 # Usage: bench/streaming.sh [ROUNDS]      (default 5)
 # Environment: NBDKIT_TS   our command line (default: Deno from node_modules)
-#              RUNTIME=bun use Bun instead of Deno
+#              RUNTIME=bun use Bun instead of Deno; RUNTIME=node, Node on the
+#                          npm build (deno task build:npm first)
+#              SIZE        the stream's length, as head -c takes it (default 1G)
 #              BENCH_DIR   where the images go (default bench/out, reused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,9 @@ DIR=${BENCH_DIR:-$ROOT/bench/out}
 if [[ -z ${NBDKIT_TS:-} ]]; then
   if [[ ${RUNTIME:-deno} == bun ]]; then
     NBDKIT_TS="$ROOT/node_modules/.bin/bun $ROOT/cli.ts"
+  elif [[ ${RUNTIME:-deno} == node ]]; then
+    NBDKIT_TS="node $ROOT/npm/dist/esm/cli.js"
+    [[ -f $ROOT/npm/dist/esm/cli.js ]] || { echo "no npm build: run deno task build:npm" >&2; exit 1; }
   else
     NBDKIT_TS="$ROOT/node_modules/.bin/deno run -A --no-check $ROOT/cli.ts"
   fi
@@ -34,11 +40,12 @@ for tool in qemu-img qemu-nbd nbdcopy sha256sum /usr/bin/time; do
 done
 
 mkdir -p "$DIR"
-RAW=$DIR/random-1g.raw
-IN=$DIR/random-1g.qcow2
+SIZE=${SIZE:-1G}
+RAW=$DIR/random-${SIZE,,}.raw
+IN=$DIR/random-${SIZE,,}.qcow2
 if [[ ! -s $IN || ! -s $RAW.sha256 ]]; then
-  echo "making $IN (1 GiB of random data) ..." >&2
-  head -c 1G /dev/urandom > "$RAW"
+  echo "making $IN ($SIZE of random data) ..." >&2
+  head -c "$SIZE" /dev/urandom > "$RAW"
   qemu-img convert -f raw -O qcow2 "$RAW" "$IN"
   sha256sum < "$RAW" | cut -d' ' -f1 > "$RAW.sha256"
   rm -f "$RAW"
@@ -81,7 +88,7 @@ peer() {
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 command -v bc >/dev/null || { echo "missing tool: bc (apt-get install bc)" >&2; exit 1; }
-echo "1 GiB qcow2 of random data -> raw stream -> sha256sum, $ROUNDS rounds ($(nproc) cores)"
+echo "$SIZE qcow2 of random data -> raw stream -> sha256sum, $ROUNDS rounds ($(nproc) cores)"
 echo "ours: $NBDKIT_TS"
 printf '%-6s %10s %12s %10s %12s\n' round ours_s ours_rss_MiB nbdcopy_s nbdcopy_rss
 : > "$WORK/ours.t"; : > "$WORK/peer.t"; : > "$WORK/ours.rss"
