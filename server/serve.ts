@@ -138,11 +138,15 @@ export async function startServer<H>(
     secure?: Connection;
     stop: () => Promise<void>;
     done: Promise<void>;
+    /**
+     * Aborted by `close()`: the transmission loop then drains (see
+     * `stopSignal`). One per client, not one shared signal: Node warns of a
+     * leak once an AbortSignal has more than 10 listeners.
+     */
+    stopping: AbortController;
   };
   const active = new Set<Entry>();
   let shuttingDown = false;
-  /** Aborted by `close()`: each transmission loop then drains (see `stopSignal`). */
-  const stopping = new AbortController();
   let counter = 0;
   let listener: Listener | null = null;
   let resolveFinished!: () => void;
@@ -220,7 +224,7 @@ export async function startServer<H>(
         error: (m) => clog.error(m),
         debug: (m) => clog.debug(m),
         shuttingDown: () => shuttingDown,
-        stopSignal: stopping.signal,
+        stopSignal: entry.stopping.signal,
         hangUp: () => {
           hungUp = true;
           entry.secure?.close();
@@ -258,7 +262,12 @@ export async function startServer<H>(
       return;
     }
     const reader = new ByteReader(conn.readable);
-    const entry: Entry = { conn, stop: () => reader.cancel(), done: Promise.resolve() };
+    const entry: Entry = {
+      conn,
+      stop: () => reader.cancel(),
+      done: Promise.resolve(),
+      stopping: new AbortController(),
+    };
     entry.done = handle(entry, reader).finally(() => active.delete(entry));
     active.add(entry);
   };
@@ -275,7 +284,7 @@ export async function startServer<H>(
   const close = (): Promise<void> => {
     closing ??= (async () => {
       shuttingDown = true;
-      stopping.abort();
+      for (const e of active) e.stopping.abort();
       listener?.close();
       // Connections still in the handshake are closed; those in transmission
       // finish what is in flight and answer later requests with ESHUTDOWN.

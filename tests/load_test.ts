@@ -230,6 +230,9 @@ describe("load", () => {
       ),
     );
     assert.deepEqual(rounds, new Array(CLIENTS).fill(ROUNDS));
+    // Nothing to say about healthy clients: no error, and no runtime warning
+    // (Node once warned of a leak past 10 connections: one AbortSignal listener each).
+    assert.equal(server.stderr(), "");
     console.log(
       `${CLIENTS} clients × ${ROUNDS} rounds × ${2 * REGION / MiB} MiB in ${
         Date.now() - started
