@@ -38,6 +38,8 @@ if wanted deno; then
   stage "tests under Deno $(deno --version | head -1 | cut -d' ' -f2)"
   start=$SECONDS
   deno test -A --no-check tests/
+  # Every @example in the JSDoc runs, so the documentation cannot drift from the code.
+  deno task -q test:doc
   echo "(Deno stage: $((SECONDS - start)) s)"
 fi
 
