@@ -1,5 +1,5 @@
 /**
- * The streaming plugin's error state, shared by its reader and writer: once
+ * The streaming plugin's error state, the base of its reader and writer: once
  * the stream has failed, every later request fails, saying why.
  *
  * @module

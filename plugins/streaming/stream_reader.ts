@@ -53,7 +53,7 @@ export interface StreamReaderOptions {
  * await r.close();
  * ```
  */
-export class StreamReader {
+export class StreamReader extends ErrorState {
   #source: Promise<ReadableStream<Uint8Array>>;
   #reader: ReadableStreamDefaultReader<Uint8Array> | null = null;
   #retained: RetainedBytes;
@@ -62,7 +62,6 @@ export class StreamReader {
   #readahead: number;
   #eof = false;
   #filling: Promise<void> | null = null;
-  #error: ErrorState;
   #closed = false;
 
   /**
@@ -71,11 +70,11 @@ export class StreamReader {
    * @param options The source and the retention policy.
    */
   constructor(options: StreamReaderOptions) {
+    super(options.onFailure);
     this.#source = options.source;
     this.#window = options.window;
     this.#name = options.name;
     this.#readahead = options.readahead ?? 0;
-    this.#error = new ErrorState(options.onFailure);
     this.#retained = new RetainedBytes(options.headSize ?? HEAD_SIZE, options.window);
     this.#source.catch((err) => this.fail(`Cannot open ${this.#name}: ${messageOf(err)}`));
   }
@@ -88,30 +87,6 @@ export class StreamReader {
   /** Whether the stream has ended. */
   get ended(): boolean {
     return this.#eof;
-  }
-
-  /** Why the reader stopped, or null while it works. */
-  get failure(): string | null {
-    return this.#error.failure;
-  }
-
-  /**
-   * Enter the error state (the first reason sticks).
-   *
-   * @param message Why.
-   */
-  fail(message: string): void {
-    this.#error.fail(message);
-  }
-
-  /**
-   * Throw the error state's reason, if the reader is in it: as it is the
-   * first time, then as the reason the stream stopped earlier.
-   *
-   * @throws {NbdError} EIO with the reason.
-   */
-  check(): void {
-    this.#error.check();
   }
 
   /**
@@ -157,7 +132,7 @@ export class StreamReader {
 
   async #fill(end: number): Promise<void> {
     while (
-      this.#retained.end < end && !this.#eof && this.#error.failure === null && !this.#closed
+      this.#retained.end < end && !this.#eof && this.failure === null && !this.#closed
     ) {
       this.#filling ??= this.#readOne().finally(() => this.#filling = null);
       await this.#filling;

@@ -48,14 +48,13 @@ export interface StreamWriterOptions {
  * console.assert(out.join() === "1,2,3,4");
  * ```
  */
-export class StreamWriter {
+export class StreamWriter extends ErrorState {
   #sink: OrderedSink;
   #window: number;
   #limit: number;
   #held = new ReorderWindow();
   #position = 0;
   #highest = 0;
-  #error: ErrorState;
 
   /**
    * Create the engine.
@@ -63,10 +62,10 @@ export class StreamWriter {
    * @param options The sink and the window.
    */
   constructor(options: StreamWriterOptions) {
+    super(options.onFailure);
     this.#sink = options.sink;
     this.#window = options.window;
     this.#limit = Math.max(0, options.window - options.sink.stagingBytes);
-    this.#error = new ErrorState(options.onFailure);
   }
 
   /** The stream position: bytes handed to the sink in order. */
@@ -82,30 +81,6 @@ export class StreamWriter {
   /** Data bytes held out of order right now. */
   get held(): number {
     return this.#held.bytes;
-  }
-
-  /** Why the writer stopped, or null while it works. */
-  get failure(): string | null {
-    return this.#error.failure;
-  }
-
-  /**
-   * Enter the error state (the first reason sticks).
-   *
-   * @param message Why.
-   */
-  fail(message: string): void {
-    this.#error.fail(message);
-  }
-
-  /**
-   * Throw the error state's reason, if the writer is in it: as it is the
-   * first time, then as the reason the stream stopped earlier.
-   *
-   * @throws {NbdError} EIO with the reason.
-   */
-  check(): void {
-    this.#error.check();
   }
 
   /**
@@ -164,7 +139,7 @@ export class StreamWriter {
    * then close the sink so the reader sees the end of the stream.
    */
   async finish(): Promise<void> {
-    if (this.#error.failure === null) this.#releaseAll();
+    if (this.failure === null) this.#releaseAll();
     await this.#sink.close();
   }
 
