@@ -12,8 +12,8 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { copyFileSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { setupLibvirt } from "./libvirt_env.ts";
 import { REPO, requireTool, type Result, run, RUNTIME, scratch, sh, shQuote } from "./helpers.ts";
+import { assertQemuImgWritesFifo, withLibvirtSda } from "./helpers.ts";
 
 const SKIP = RUNTIME === "bun"
   ? false
@@ -79,41 +79,21 @@ describe("the compiled binary (deno task compile)", () => {
   });
 
   test("streaming plugin: qemu-img writes a disk into write=FIFO", { skip: SKIP }, async () => {
-    const source = join(dir, "source.raw");
     const fifo = join(dir, "fifo");
-    assert.equal(sh(`head -c 16M /dev/urandom > ${source} && mkfifo ${fifo}`).status, 0);
-    const expected = sh(`sha256sum < ${source}`).stdout.split(" ")[0];
-    const reader = run(["/bin/sh", "-c", `sha256sum < ${shQuote(fifo)}`]);
-    const r = await binaryRun([
-      "-U",
-      "-",
-      "streaming",
-      `write=${fifo}`,
-      "--run",
-      `qemu-img convert -n -f raw ${shQuote(source)} -O raw "$nbd"`,
-    ]);
-    const read = await reader;
-    assert.equal(r.status, 0, r.stderr);
-    assert.equal(read.stdout.split(" ")[0], expected);
+    await assertQemuImgWritesFifo(
+      join(dir, "source.raw"),
+      fifo,
+      "16M",
+      (script) => binaryRun(["-U", "-", "streaming", `write=${fifo}`, "--run", script]),
+    );
   });
 
   test("libvirt plugin: nbdcopy reads a guest's disk", { skip: SKIP }, async () => {
-    const libvirt = await setupLibvirt({ bigSize: 8 * 1024 * 1024, extraDisks: false });
-    try {
-      const r = await binaryRun([
-        "-U",
-        "-",
-        "libvirt",
-        `domain=${libvirt.domain}`,
-        "disk=sda",
-        "--run",
-        'nbdcopy "$uri" - | sha256sum',
-      ]);
+    await withLibvirtSda(async (args, sha256) => {
+      const r = await binaryRun(args);
       assert.equal(r.status, 0, r.stderr);
-      assert.equal(r.stdout.split(" ")[0], libvirt.disk("sda").sha256);
-    } finally {
-      libvirt.cleanup();
-    }
+      assert.equal(r.stdout.split(" ")[0], sha256);
+    });
   });
 
   test("a plugin from a .ts file", { skip: SKIP }, async () => {

@@ -6,11 +6,13 @@
  *
  * @module
  */
+import assert from "node:assert/strict";
 import { spawn, spawnSync, type SpawnSyncReturns } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { setupLibvirt } from "./libvirt_env.ts";
 
 /**
  * The environment for clients: Debian's python3 first (for nbdsh and the nbd
@@ -255,4 +257,53 @@ export async function startTestServer(
       return status;
     },
   };
+}
+
+/**
+ * The streaming plugin's smoke test: make `source`, `size` (a `head -c` count,
+ * e.g. "8M") of random bytes, and the FIFO `fifo`, whose reader hashes what
+ * comes; `serve(script)` runs a captive server writing into the FIFO, with
+ * `script` (a qemu-img copying `source` to `$nbd`) as its `--run`. Asserts
+ * that the server exits 0 and that the FIFO got exactly the bytes of `source`.
+ */
+export async function assertQemuImgWritesFifo(
+  source: string,
+  fifo: string,
+  size: string,
+  serve: (script: string) => Promise<Result>,
+): Promise<void> {
+  assert.equal(sh(`head -c ${size} /dev/urandom > ${shQuote(source)}`).status, 0);
+  assert.equal(sh(`mkfifo ${shQuote(fifo)}`).status, 0);
+  const expected = sh(`sha256sum < ${shQuote(source)}`).stdout.split(" ")[0];
+  const reader = run(["/bin/sh", "-c", `sha256sum < ${shQuote(fifo)}`]);
+  const r = await serve(`qemu-img convert -n -f raw ${shQuote(source)} -O raw "$nbd"`);
+  const read = await reader;
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(read.stdout.split(" ")[0], expected);
+}
+
+/**
+ * The libvirt plugin's smoke test: a libvirt guest with one 8 MiB disk, sda
+ * (tests/libvirt_env.ts), removed after `body`, which gets the arguments that
+ * serve that disk captive with `nbdcopy "$uri" - | sha256sum` as the `--run`
+ * script, and the SHA-256 of the disk that the script must print.
+ */
+export async function withLibvirtSda(
+  body: (args: string[], sha256: string) => Promise<void>,
+): Promise<void> {
+  const libvirt = await setupLibvirt({ bigSize: 8 * 1024 * 1024, extraDisks: false });
+  try {
+    const args = [
+      "-U",
+      "-",
+      "libvirt",
+      `domain=${libvirt.domain}`,
+      "disk=sda",
+      "--run",
+      'nbdcopy "$uri" - | sha256sum',
+    ];
+    await body(args, libvirt.disk("sda").sha256);
+  } finally {
+    libvirt.cleanup();
+  }
 }

@@ -17,8 +17,8 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { setupLibvirt } from "./libvirt_env.ts";
 import { REPO, requireTool, type Result, run, RUNTIME, scratch, sh, shQuote } from "./helpers.ts";
+import { assertQemuImgWritesFifo, withLibvirtSda } from "./helpers.ts";
 
 const SKIP = RUNTIME === "node"
   ? false
@@ -41,6 +41,13 @@ describe("the npm package (npm pack, npm install, npx, bunx)", () => {
   const npx = (args: string[]) => inApp(["npx", "--offline", "nbdkit-ts", ...args]);
   const bunx = (args: string[]) =>
     inApp([join(BIN, "bunx"), "--no-install", "--bun", "nbdkit-ts", ...args]);
+
+  /** `-U - memory size=64M --run 'nbdinfo "$uri"'` through `cli` (npx or bunx): 64 MiB. */
+  const assertMemory64M = async (cli: (args: string[]) => Promise<Result>) => {
+    const r = await cli(["-U", "-", "memory", "size=64M", "--run", 'nbdinfo "$uri"']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /export-size: 67108864 /);
+  };
 
   before(async () => {
     if (SKIP) return;
@@ -115,9 +122,7 @@ describe("the npm package (npm pack, npm install, npx, bunx)", () => {
   });
 
   test("npx nbdkit-ts -U - memory size=64M --run 'nbdinfo \"$uri\"'", { skip: SKIP }, async () => {
-    const r = await npx(["-U", "-", "memory", "size=64M", "--run", 'nbdinfo "$uri"']);
-    assert.equal(r.status, 0, r.stderr);
-    assert.match(r.stdout, /export-size: 67108864 /);
+    await assertMemory64M(npx);
   });
 
   test(
@@ -134,48 +139,25 @@ describe("the npm package (npm pack, npm install, npx, bunx)", () => {
   );
 
   test("bunx --bun nbdkit-ts -U - memory size=64M --run nbdinfo", { skip: SKIP }, async () => {
-    const r = await bunx(["-U", "-", "memory", "size=64M", "--run", 'nbdinfo "$uri"']);
-    assert.equal(r.status, 0, r.stderr);
-    assert.match(r.stdout, /export-size: 67108864 /);
+    await assertMemory64M(bunx);
   });
 
   test(
     "bunx --bun nbdkit-ts streaming pipe=out.raw, written by qemu-img",
     { skip: SKIP },
     async () => {
-      const source = join(dir, "source.raw");
-      const out = join(app, "out.raw"); // a FIFO, as in the manual; its reader hashes it
-      assert.equal(sh(`head -c 8M /dev/urandom > ${shQuote(source)}`).status, 0);
-      assert.equal(sh(`mkfifo ${shQuote(out)}`).status, 0);
-      const expected = sh(`sha256sum < ${shQuote(source)}`).stdout.split(" ")[0];
-      const reader = run(["/bin/sh", "-c", `sha256sum < ${shQuote(out)}`], { timeoutMs: 120_000 });
-      const r = await bunx([
-        "-U",
-        "-",
-        "streaming",
-        "pipe=out.raw",
-        "--run",
-        `qemu-img convert -n -f raw ${shQuote(source)} -O raw "$nbd"`,
-      ]);
-      const read = await reader;
-      assert.equal(r.status, 0, r.stderr);
-      assert.equal(read.stdout.split(" ")[0], expected);
+      // out.raw: a FIFO, as in the manual; its reader hashes it
+      await assertQemuImgWritesFifo(
+        join(dir, "source.raw"),
+        join(app, "out.raw"),
+        "8M",
+        (script) => bunx(["-U", "-", "streaming", "pipe=out.raw", "--run", script]),
+      );
     },
   );
 
   test("libvirt plugin: npx (koffi) and bunx --bun (bun:ffi)", { skip: SKIP }, async () => {
-    const libvirt = await setupLibvirt({ bigSize: 8 * 1024 * 1024, extraDisks: false });
-    try {
-      const args = [
-        "-U",
-        "-",
-        "libvirt",
-        `domain=${libvirt.domain}`,
-        "disk=sda",
-        "--run",
-        'nbdcopy "$uri" - | sha256sum',
-      ];
-      const sha = libvirt.disk("sda").sha256;
+    await withLibvirtSda(async (args, sha) => {
       const node = await npx(args);
       if (koffi) {
         assert.equal(node.status, 0, node.stderr);
@@ -188,9 +170,7 @@ describe("the npm package (npm pack, npm install, npx, bunx)", () => {
       const bun = await bunx(args);
       assert.equal(bun.status, 0, bun.stderr);
       assert.equal(bun.stdout.split(" ")[0], sha);
-    } finally {
-      libvirt.cleanup();
-    }
+    });
   });
 
   test("a JavaScript plugin that imports nbdkit-ts; a .ts one needs a newer Node or typescript", {

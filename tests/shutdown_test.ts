@@ -219,10 +219,28 @@ function nbdshJson(uri: string, python: string): Promise<Record<string, unknown>
   });
 }
 
+/** Python for nbdsh: `errno(f)` calls `f`, and gives 0 or the name of the errno it failed with. */
+const PY_ERRNO = `def errno(f):
+    try:
+        f()
+        return 0
+    except nbd.Error as e:
+        return e.errno`;
+
 /** Every line the server printed is one of its own log lines: no stack trace. */
 function assertCleanStderr(stderr: string): void {
   for (const line of stderr.split("\n")) {
     if (line !== "") assert.match(line, /^nbdkit-ts: (\w+\[\d+\]: )?(error|debug): \S/, line);
+  }
+}
+
+/** Run `body` with a fresh scratch folder of its own, removed afterwards. */
+async function withScratch(body: (dir: string) => Promise<void>): Promise<void> {
+  const { dir, cleanup } = scratch();
+  try {
+    await body(dir);
+  } finally {
+    cleanup();
   }
 }
 
@@ -242,8 +260,7 @@ describe("SIGTERM and SIGINT", () => {
 
   for (const signal of ["SIGTERM", "SIGINT"]) {
     test(`${signal}: requests in flight finish, later ones get ESHUTDOWN, exit 0`, async () => {
-      const { dir: d, cleanup: c } = scratch();
-      try {
+      await withScratch(async (d) => {
         const server = await spawnServer(d, [plugin, "delay=1000"]);
         const r = await nbdshJson(server.uri, inFlightProbe(server.pid, signal, 4, 3));
         assert.deepEqual(r.early, [0, 0, 0, 0]);
@@ -254,17 +271,14 @@ describe("SIGTERM and SIGINT", () => {
         assert.equal(existsSync(server.socket), false, "the Unix socket is removed");
         assert.equal(existsSync(server.pidfile), false, "the pidfile is removed");
         assertCleanStderr(server.stderr());
-      } finally {
-        c();
-      }
+      });
     });
   }
 
   test("requests sent but not yet read when the signal comes get ESHUTDOWN, none is lost", async () => {
     // -t 1: the server reads one request at a time, so five of the six are
     // still queued (in the socket, or read and waiting) when SIGTERM comes.
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       const server = await spawnServer(d, ["-t", "1", plugin, "delay=700"]);
       const r = await nbdshJson(server.uri, inFlightProbe(server.pid, "SIGTERM", 6, 2));
       assert.deepEqual(r.early, [
@@ -279,14 +293,11 @@ describe("SIGTERM and SIGINT", () => {
       assert.deepEqual(r.late, ["ESHUTDOWN", "ESHUTDOWN"]);
       assert.equal(r.lost, 0);
       assert.equal(await server.exited, 0);
-    } finally {
-      c();
-    }
+    });
   });
 
   test("writes in flight are done before the plugin is closed and unloaded", async () => {
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       const log = join(d, "plugin.log");
       const server = await spawnServer(d, [plugin, "delay=800", `log=${log}`]);
       const r = await nbdshJson(
@@ -305,14 +316,11 @@ print(json.dumps({"done": [h.aio_command_completed(c) for c in cookies]}))`,
       const lines = readFileSync(log, "utf8").trim().split("\n");
       assert.deepEqual(lines.slice(3), ["close", "unload"]);
       assert.deepEqual(lines.slice(0, 3).sort(), ["pwrite 0", "pwrite 4096", "pwrite 8192"]);
-    } finally {
-      c();
-    }
+    });
   });
 
   test("idle clients and clients in the handshake are let go at once", async () => {
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       const server = await spawnServer(d, [plugin, "delay=0"]);
       const idle = await RawClient.connect(server.socket);
       await idle.go();
@@ -326,14 +334,11 @@ print(json.dumps({"done": [h.aio_command_completed(c) for c in cookies]}))`,
       const took = Date.now() - started;
       assert.ok(took < 3000, `took ${took} ms`);
       assert.equal(existsSync(server.socket), false);
-    } finally {
-      c();
-    }
+    });
   });
 
   test("a client that stopped reading its replies does not hold the shutdown up", async () => {
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       const server = await spawnServer(d, [plugin, "delay=0"]);
       const { socket } = await floodWithoutReading(server.socket, 65536, 1000);
       const started = Date.now();
@@ -345,14 +350,11 @@ print(json.dumps({"done": [h.aio_command_completed(c) for c in cookies]}))`,
       socket.destroy();
       assert.ok(took < 15_000, `took ${took} ms`);
       assert.equal(existsSync(server.socket), false);
-    } finally {
-      c();
-    }
+    });
   });
 
   test("SIGTERM under fuzzing load: exit 0 at once, no malformed reply", async () => {
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       writeFileSync(join(d, "chaos.js"), CHAOS_PLUGIN);
       const size = 4 * 1024 * 1024;
       const target: Target = { size, readonly: false, failFrom: size - 65536, stopping: true };
@@ -394,14 +396,11 @@ print(json.dumps({"done": [h.aio_command_completed(c) for c in cookies]}))`,
       assert.equal(existsSync(server.socket), false);
       assert.equal(existsSync(server.pidfile), false);
       assertCleanStderr(server.stderr());
-    } finally {
-      c();
-    }
+    });
   });
 
   test("no new connection is accepted while the last requests finish", async () => {
-    const { dir: d, cleanup: c } = scratch();
-    try {
+    await withScratch(async (d) => {
       const server = await spawnServer(d, [plugin, "delay=1500"]);
       const busy = await RawClient.connect(server.socket);
       await busy.go();
@@ -419,9 +418,7 @@ print(json.dumps({"done": [h.aio_command_completed(c) for c in cookies]}))`,
       assert.equal(reply?.error, 0);
       assert.equal(reply?.cookie, 1n);
       assert.equal(await server.exited, 0);
-    } finally {
-      c();
-    }
+    });
   });
 });
 
@@ -448,12 +445,7 @@ describe("plugin exceptions", () => {
     const r = await nbdshJson(
       server.uri,
       `import json
-def errno(f):
-    try:
-        f()
-        return 0
-    except nbd.Error as e:
-        return e.errno
+${PY_ERRNO}
 out = {"read": [], "write": [], "after": []}
 for k in range(11):
     for half in (0, 512):
@@ -483,12 +475,7 @@ print(json.dumps(out))`,
       `import json
 h.add_meta_context("base:allocation")
 h.connect_uri(${JSON.stringify(server.uri)})
-def errno(f):
-    try:
-        f()
-        return 0
-    except nbd.Error as e:
-        return e.errno
+${PY_ERRNO}
 print(json.dumps([
     errno(lambda: h.flush()),
     errno(lambda: h.trim(4096, 0)),
