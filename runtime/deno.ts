@@ -14,8 +14,9 @@ import type {
   TlsServerOptions,
 } from "./types.ts";
 import { readFirstLine } from "./first_line.ts";
-import { enlargeFifo, enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
-import { denoLibc } from "./deno_libc.ts";
+import { enlargePipeFd } from "./pipe_size.ts";
+import { denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
+import { cString } from "./c_string.ts";
 import { openDenoFile } from "./deno_file.ts";
 
 const encoder = new TextEncoder();
@@ -31,11 +32,19 @@ function writeAllSync(w: { writeSync(p: Uint8Array): number }, text: string): vo
   }
 }
 
-/** libc's calls for {@linkcode enlargeFifo}, when FFI is allowed. */
-function denoPipeLibc(): PipeLibc | null {
+/**
+ * Enlarge the pipe of the FIFO at `path`, whose `write` end (or read end) we
+ * hold through a Deno file, which does not expose its descriptor: a second,
+ * nonblocking open of the same end succeeds at once, and the size belongs to
+ * the pipe, whichever descriptor sets it.
+ */
+function enlargeFifo(path: string, write: boolean): void {
   const libc = denoLibc();
-  return libc &&
-    { fcntl: libc.fcntl, open: (path, flags) => libc.open(path, flags, 0), close: libc.close };
+  if (!libc) return;
+  const fd = libc.open(cString(path), (write ? O_WRONLY : O_RDONLY) | O_NONBLOCK | O_CLOEXEC, 0);
+  if (fd < 0) return;
+  enlargePipeFd(libc, fd);
+  libc.close(fd);
 }
 
 /** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
@@ -296,7 +305,7 @@ export const denoRuntime: Runtime = {
 
   async openReadStream(path) {
     const file = await Deno.open(path, { read: true });
-    if ((await file.stat()).isFifo) enlargeFifo(denoPipeLibc(), path, false);
+    if ((await file.stat()).isFifo) enlargeFifo(path, false);
     return file.readable;
   },
 
@@ -304,16 +313,16 @@ export const denoRuntime: Runtime = {
     const info = await denoRuntime.stat(path);
     const truncate = info?.kind === "file";
     const file = await Deno.open(path, { write: true, truncate, create: info === null });
-    if (info?.kind === "fifo") enlargeFifo(denoPipeLibc(), path, true);
+    if (info?.kind === "fifo") enlargeFifo(path, true);
     return file.writable;
   },
 
   stdinStream() {
-    enlargePipeFd(denoPipeLibc(), 0);
+    enlargePipeFd(denoLibc(), 0);
     return Deno.stdin.readable;
   },
   stdoutStream() {
-    enlargePipeFd(denoPipeLibc(), 1);
+    enlargePipeFd(denoLibc(), 1);
     return Deno.stdout.writable;
   },
   writeTextFile: (path, text) => Deno.writeTextFile(path, text),

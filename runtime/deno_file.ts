@@ -12,11 +12,8 @@
  * @module
  */
 import type { RandomAccessFile } from "./types.ts";
-import { cString, type DenoLibc, denoLibc } from "./deno_libc.ts";
-
-const O_RDONLY = 0;
-const O_RDWR = 2;
-const O_CLOEXEC = 0o2000000;
+import { type DenoLibc, denoLibc, O_CLOEXEC, O_RDONLY, O_RDWR } from "./deno_libc.ts";
+import { cString } from "./c_string.ts";
 
 /**
  * Open `path` for random access.

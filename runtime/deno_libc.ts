@@ -6,6 +6,17 @@
  * @module
  */
 
+/** `open(2)` flags (Linux). */
+export const O_RDONLY = 0;
+/** @see O_RDONLY */
+export const O_WRONLY = 1;
+/** @see O_RDONLY */
+export const O_RDWR = 2;
+/** @see O_RDONLY */
+export const O_NONBLOCK = 0o4000;
+/** @see O_RDONLY */
+export const O_CLOEXEC = 0o2000000;
+
 const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
@@ -39,9 +50,4 @@ export function denoLibc(): DenoLibc | null {
     // no libc.so.6
   }
   return libc;
-}
-
-/** `text` NUL-terminated, for a `char *` argument. */
-export function cString(text: string): Uint8Array<ArrayBuffer> {
-  return new TextEncoder().encode(`${text}\0`);
 }

@@ -22,7 +22,6 @@ import {
   type BunLibc,
   type BunLibvirt,
   type BunPointer,
-  cstring,
   importBunFfi,
   lastErrorMessage,
   LIBC_SYMBOLS,
@@ -30,6 +29,7 @@ import {
 } from "./bun_ffi.ts";
 import { type PeekInit, type PeekReply, type PeekRequest, peekWorker } from "./bun_worker.ts";
 import { DomainLifetime, LIBVIRT_SONAME, libvirtLoadError } from "./common.ts";
+import { cString } from "../c_string.ts";
 
 /**
  * How many peeks run at once. libvirtd serves at most 5 calls of one client
@@ -159,7 +159,7 @@ class BunDomain implements LibvirtDomain {
 
   blockInfo(disk: string): BlockInfo {
     const info = new BigUint64Array(3);
-    if (this.#lib.virDomainGetBlockInfo(this.#dom, cstring(disk), info, 0) < 0) throw this.#error();
+    if (this.#lib.virDomainGetBlockInfo(this.#dom, cString(disk), info, 0) < 0) throw this.#error();
     return { capacity: info[0], allocation: info[1], physical: info[2] };
   }
 
@@ -170,7 +170,7 @@ class BunDomain implements LibvirtDomain {
       const empty = new Uint8Array(1);
       const r = this.#lib.virDomainBlockPeek(
         this.#dom,
-        cstring(disk),
+        cString(disk),
         offset,
         0,
         this.#ffi.ptr(empty),
@@ -211,7 +211,7 @@ class BunConnection implements LibvirtConnection {
 
   lookupDomain(name: string): LibvirtDomain {
     if (this.#conn === null) throw new LibvirtError("invalid connection pointer", 0);
-    const dom = this.#lib.virDomainLookupByName(this.#conn, cstring(name));
+    const dom = this.#lib.virDomainLookupByName(this.#conn, cString(name));
     if (!dom) {
       throw new LibvirtError(
         lastErrorMessage(this.#ffi, this.#lib),
@@ -248,7 +248,7 @@ export async function loadLibvirt(): Promise<LibvirtBindings> {
   // reports messages itself. libc's free(), called as handler(NULL, err),
   // frees NULL: a no-op that is safe on any thread (dlsym's NULL handle is
   // RTLD_DEFAULT on glibc).
-  lib.virSetErrorFunc(null, libc.dlsym(null, cstring("free")));
+  lib.virSetErrorFunc(null, libc.dlsym(null, cString("free")));
   const ver = new BigUint64Array(1);
   if (lib.virGetVersion(ver, null, null) < 0) {
     throw new LibvirtError(lastErrorMessage(ffi, lib), lib.virGetLastErrorCode());
@@ -257,7 +257,7 @@ export async function loadLibvirt(): Promise<LibvirtBindings> {
   return {
     version: versionString(Number(ver[0])),
     connect(uri, readonly = false) {
-      const name = uri === undefined ? null : cstring(uri);
+      const name = uri === undefined ? null : cString(uri);
       const conn = readonly ? lib.virConnectOpenReadOnly(name) : lib.virConnectOpen(name);
       if (!conn) throw new LibvirtError(lastErrorMessage(ffi, lib), lib.virGetLastErrorCode());
       return new BunConnection(ffi, lib, libc, pool, conn);

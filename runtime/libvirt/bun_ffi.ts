@@ -89,13 +89,6 @@ export async function importBunFfi(): Promise<BunFfi> {
   return await import(specifier) as BunFfi;
 }
 
-const encoder = new TextEncoder();
-
-/** A NUL-terminated UTF-8 copy of `text`. */
-export function cstring(text: string): Uint8Array {
-  return encoder.encode(`${text}\0`);
-}
-
 /** libvirt's last error on this thread, as text. */
 export function lastErrorMessage(ffi: BunFfi, lib: BunLibvirt): string {
   const msg = lib.virGetLastErrorMessage();

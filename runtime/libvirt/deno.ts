@@ -29,6 +29,7 @@ import {
   VIR_ERROR_MESSAGE_OFFSET,
   VIR_ERROR_SIZE,
 } from "./common.ts";
+import { cString } from "../c_string.ts";
 
 const SYMBOLS = {
   virGetVersion: { parameters: ["buffer", "pointer", "pointer"], result: "i32" },
@@ -59,12 +60,6 @@ const LIBC = {
 
 type Lib = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 type Libc = Deno.DynamicLibrary<typeof LIBC>["symbols"];
-
-const encoder = new TextEncoder();
-
-function cstring(text: string): Uint8Array<ArrayBuffer> {
-  return encoder.encode(`${text}\0`);
-}
 
 function lastError(lib: Lib): LibvirtError {
   const msg = lib.virGetLastErrorMessage();
@@ -101,7 +96,7 @@ class DenoDomain implements LibvirtDomain {
   // The disk's name as a C string, encoded once rather than per request.
   #name(disk: string): Uint8Array<ArrayBuffer> {
     let name = this.#names.get(disk);
-    if (!name) this.#names.set(disk, name = cstring(disk));
+    if (!name) this.#names.set(disk, name = cString(disk));
     return name;
   }
 
@@ -163,7 +158,7 @@ class DenoConnection implements LibvirtConnection {
   }
 
   lookupDomain(name: string): LibvirtDomain {
-    const dom = this.#lib.virDomainLookupByName(this.#conn, cstring(name));
+    const dom = this.#lib.virDomainLookupByName(this.#conn, cString(name));
     if (!dom) throw lastError(this.#lib);
     return new DenoDomain(this.#lib, this.#libc, this.#conn, dom);
   }
@@ -198,14 +193,14 @@ export function loadLibvirt(): LibvirtBindings {
   // hop threads for errors raised on the peek threads, so the handler is
   // libc's free(): called as handler(NULL, err) it frees NULL, a no-op.
   // (dlsym with a NULL handle is RTLD_DEFAULT on glibc.)
-  lib.virSetErrorFunc(null, libc.dlsym(null, cstring("free")));
+  lib.virSetErrorFunc(null, libc.dlsym(null, cString("free")));
 
   const ver = new BigUint64Array(1);
   if (lib.virGetVersion(ver, null, null) < 0) throw lastError(lib);
   return {
     version: versionString(Number(ver[0])),
     connect(uri, readonly = false) {
-      const name = uri === undefined ? null : cstring(uri);
+      const name = uri === undefined ? null : cString(uri);
       const conn = readonly ? lib.virConnectOpenReadOnly(name) : lib.virConnectOpen(name);
       if (!conn) throw lastError(lib);
       return new DenoConnection(lib, libc, conn);
