@@ -32,6 +32,7 @@ export function createFilePlugin(): Plugin<Handle> {
     magicConfigKey: "file",
     configHelp: "[file=]<FILENAME>  (required) The filename to serve.",
     threadModel: "parallel",
+    preadFillsBuffer: true,
 
     config(key, value) {
       if (key !== "file") throw new Error(`unknown parameter '${key}'`);

@@ -100,6 +100,7 @@ export function createMemoryPlugin(): Plugin<null> {
     magicConfigKey: "size",
     configHelp: "size=<SIZE>  (required) Size of the RAM disk, e.g. 1G.",
     threadModel: "parallel",
+    preadFillsBuffer: true,
 
     config(key, value) {
       if (key !== "size") throw new Error(`unknown parameter '${key}'`);

@@ -24,6 +24,7 @@ export function createNullPlugin(): Plugin<null> {
     magicConfigKey: "size",
     configHelp: "size=<SIZE>  Size of the disk (default 0).",
     threadModel: "parallel",
+    preadFillsBuffer: true,
 
     config(key, value) {
       if (key !== "size") throw new Error(`unknown parameter '${key}'`);

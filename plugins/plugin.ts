@@ -337,6 +337,14 @@ export interface Plugin<H = unknown> {
   magicConfigKey?: string;
   /** How calls may overlap; `parallel` when absent. */
   threadModel?: ThreadModel;
+  /**
+   * A promise that `pread` writes every byte of its buffer whenever it
+   * succeeds. The server reuses read buffers, and zeroes each one before
+   * `pread` so that a plugin that fills one partly cannot send a client the
+   * bytes of an earlier reply; with this set it skips that pass over the
+   * buffer, which costs about 5% of a 1 MiB read. The built-in plugins set it.
+   */
+  preadFillsBuffer?: boolean;
 
   /** One `key=value` from the command line, in order. Throw for an unknown key. */
   config?(key: string, value: string): Awaitable<void>;

@@ -165,6 +165,7 @@ export function createStreamingPlugin(): Plugin<null> {
     version: VERSION,
     configHelp: HELP,
     threadModel: "parallel",
+    preadFillsBuffer: true,
 
     config(key, value) {
       switch (key) {

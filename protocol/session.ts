@@ -43,6 +43,11 @@ export interface ExportSession {
   readonly description: string | undefined;
   /** Block size constraints, when the plugin states them. */
   readonly blockSize: BlockSizeInfo | undefined;
+  /**
+   * Whether {@linkcode ExportSession.read} writes every byte of its buffer:
+   * only then may it get a reused buffer that was not zeroed first.
+   */
+  readonly readFillsBuffer?: boolean;
   /** Fill `buf` from `offset`. */
   read(buf: Uint8Array, offset: number): Promise<void>;
   /** Write `buf` at `offset`. */

@@ -427,7 +427,7 @@ export async function transmission(
         case NBD_CMD_READ: {
           if (structured) {
             const head = CHUNK_HEADER + 8;
-            const out = takeBuffer(head + req.count);
+            const out = takeBuffer(head + req.count, !session.readFillsBuffer);
             await session.read(out.subarray(head), req.offset);
             putChunkHeader(
               out,
@@ -442,7 +442,7 @@ export async function transmission(
             await send(out);
             giveBuffer(out);
           } else {
-            const out = takeBuffer(SIMPLE_HEADER + req.count);
+            const out = takeBuffer(SIMPLE_HEADER + req.count, !session.readFillsBuffer);
             await session.read(out.subarray(SIMPLE_HEADER), req.offset);
             putSimpleHeader(out, req.cookie, 0);
             await send(out);

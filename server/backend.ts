@@ -96,6 +96,7 @@ class PluginSession<H> implements ExportSession {
   readonly flags: number;
   readonly description: string | undefined;
   readonly blockSize: BlockSizeInfo | undefined;
+  readonly readFillsBuffer: boolean;
   #p: Plugin<H>;
   #h: H;
   #caps: Caps;
@@ -119,6 +120,7 @@ class PluginSession<H> implements ExportSession {
     this.flags = flagsOf(caps);
     this.description = description;
     this.blockSize = blockSize;
+    this.readFillsBuffer = p.preadFillsBuffer === true;
     const model = p.threadModel ?? "parallel";
     this.#lock = model === "serialize_requests"
       ? new Mutex()

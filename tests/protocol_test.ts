@@ -176,4 +176,78 @@ describe("protocol over in-memory streams", () => {
     await serving;
     assert.deepEqual(errors, ["NBD_CMD_WRITE: no room at 4096"]);
   });
+
+  test("a reused read buffer is zeroed unless the plugin promises to fill it", async () => {
+    // 96 KiB: a reply size no other test uses, so the pooled buffer is this test's.
+    const count = 96 * 1024;
+    for (const fills of [false, true]) {
+      const zeroedOnEntry: boolean[] = [];
+      const plugin = definePlugin({
+        name: "firstonly",
+        preadFillsBuffer: fills,
+        open: () => null,
+        getSize: () => 1 << 20,
+        pread(_h, buf, offset) {
+          zeroedOnEntry.push(buf.every((b) => b === 0));
+          if (offset === 0) buf.fill(0xaa); // later reads leave the buffer as it came
+        },
+      });
+      const { server, client } = pipePair();
+      const serving = (async () => {
+        const n = await handshake(
+          server.reader,
+          server.writer,
+          pluginProvider(plugin, { readonly: true, exportName: "" }, 1),
+          {
+            structuredReplies: false,
+            metaContexts: false,
+            handshakeFlags: 3,
+            debug: () => {},
+            error: () => {},
+          },
+        );
+        assert.ok(n);
+        await transmission(n.reader, n.writer, n.session, {
+          structured: false,
+          baseAllocation: false,
+          maxInFlight: 16,
+          error: () => {},
+          debug: () => {},
+          shuttingDown: () => false,
+        });
+        await n.session.close();
+      })();
+      await client.reader.read(18);
+      await client.writer.write(u32(3));
+      await client.writer.write(concat(u64(IHAVEOPT), u32(7), u32(6), u32(0), u16(0)));
+      for (;;) {
+        const h = await client.reader.read(20);
+        const v = new DataView(h.buffer, h.byteOffset);
+        if (v.getUint32(16)) await client.reader.read(v.getUint32(16));
+        if (v.getUint32(12) === 1) break;
+      }
+      const read = async (cookie: number, offset: number) => {
+        await client.writer.write(
+          concat(
+            u32(0x25609513),
+            u16(0),
+            u16(0),
+            u64(BigInt(cookie)),
+            u64(BigInt(offset)),
+            u32(count),
+          ),
+        );
+        const h = await client.reader.read(16);
+        assert.equal(new DataView(h.buffer, h.byteOffset).getUint32(4), 0);
+        return (await client.reader.read(count)).slice();
+      };
+      assert.ok((await read(1, 0)).every((b) => b === 0xaa));
+      const second = await read(2, 65536);
+      await client.writer.write(concat(u32(0x25609513), u16(0), u16(2), u64(3n), u64(0n), u32(0)));
+      await serving;
+      // The second read got the first one's buffer back from the pool.
+      assert.deepEqual(zeroedOnEntry, [true, !fills]);
+      assert.ok(second.every((b) => b === (fills ? 0xaa : 0)));
+    }
+  });
 });

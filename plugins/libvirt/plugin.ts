@@ -223,6 +223,7 @@ export function createLibvirtPlugin(): Plugin<Handle> {
     version: VERSION,
     configHelp,
     threadModel: "parallel",
+    preadFillsBuffer: true,
     config,
     configComplete,
     getReady,
