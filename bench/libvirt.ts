@@ -15,6 +15,11 @@
  * the server and libvirtd spent. Prints every round, the medians and the
  * throughput ratio (ours / nbdkit's).
  *
+ * Each round also times the ceiling: bench/peek_ceiling.c (built with gcc and
+ * libvirt's headers, libvirt-dev) peeks the same disk with no NBD server and
+ * no client at all. No server can be faster than that; when the ceiling is
+ * slower than half nbdkit's time, the 2× target is out of reach on the machine.
+ *
  * @module
  */
 import { spawn, spawnSync } from "node:child_process";
@@ -49,6 +54,41 @@ function cpuSeconds(pid: number): number {
 
 function libvirtdPid(): number {
   return Number(must("pgrep", ["-xo", "libvirtd"]).trim());
+}
+
+/** Build bench/peek_ceiling.c; null (and why on stderr) when it cannot be built. */
+function buildCeiling(): string | null {
+  const exe = join(tmpdir(), `nbdkit-ts-peek-ceiling-${process.pid}`);
+  const r = spawnSync("gcc", [
+    "-O2",
+    "-o",
+    exe,
+    join(REPO, "bench", "peek_ceiling.c"),
+    "-lvirt",
+    "-lpthread",
+  ], { env: ENV, encoding: "utf8" });
+  if (r.status === 0) return exe;
+  console.error(
+    `no ceiling: gcc with libvirt-dev is needed (${(r.stderr ?? r.error ?? "").toString().trim()})`,
+  );
+  return null;
+}
+
+/** Peeks of 1 MiB from 4 threads: the fastest of the shapes tried (1–8 threads, 1 or 4 MiB). */
+const CEILING_THREADS = 4;
+const CEILING_PEEK = 1 << 20;
+
+/** Seconds for `exe` to peek the whole disk, no NBD involved. */
+function ceiling(exe: string, domain: string): number {
+  const out = must(exe, [
+    "qemu:///system",
+    domain,
+    "sda",
+    String(sizeMiB * 1024 * 1024),
+    String(CEILING_THREADS),
+    String(CEILING_PEEK),
+  ]);
+  return Number(out.trim());
 }
 
 interface Sample {
@@ -111,7 +151,19 @@ try {
       `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}`,
   );
   const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
+  const ceilingExe = buildCeiling();
+  const ceilings: number[] = [];
   for (let i = 0; i < rounds; i++) {
+    if (ceilingExe) {
+      const c = ceiling(ceilingExe, env.domain);
+      ceilings.push(c);
+      console.log(
+        `  round ${i + 1} ceiling ${c.toFixed(2)} s  ${
+          (sizeMiB / c).toFixed(0).padStart(5)
+        } MiB/s` +
+          `  (virDomainBlockPeek alone, ${CEILING_THREADS} threads, no NBD)`,
+      );
+    }
     for (const name of ["ours", "nbdkit"] as const) {
       const s = await measure(programs[name], params);
       results[name].push(s);
@@ -127,6 +179,17 @@ try {
   console.log(`median ours   ${o.toFixed(2)} s  ${(sizeMiB / o).toFixed(0)} MiB/s`);
   console.log(`median nbdkit ${t.toFixed(2)} s  ${(sizeMiB / t).toFixed(0)} MiB/s`);
   console.log(`throughput ratio ours/nbdkit: ${(t / o).toFixed(2)}x`);
+  if (ceilingExe) {
+    const c = median(ceilings);
+    rmSync(ceilingExe, { force: true });
+    console.log(
+      `median ceiling ${c.toFixed(2)} s  ${(sizeMiB / c).toFixed(0)} MiB/s (peeks alone)`,
+    );
+    console.log(
+      `ceiling ratio (no server, no client)/nbdkit: ${(t / c).toFixed(2)}x; ` +
+        `the 2x target needs ${(t / 2).toFixed(2)} s`,
+    );
+  }
 } finally {
   env.cleanup();
 }

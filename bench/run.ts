@@ -15,6 +15,10 @@
  * output into RESULTS.md, followed by bench/BOUNDS.md: what bounds the
  * targets not reached, written by hand from these measurements.
  *
+ * Needs what `.ci/setup` installs (fio, nbdkit, qemu-utils, libnbd-bin,
+ * libvirtd) and, for the libvirt ceiling, gcc and libvirt-dev (without
+ * them that one line is left out).
+ *
  * @module
  */
 import { spawn, spawnSync } from "node:child_process";
