@@ -138,6 +138,15 @@ const POOL_PER_SIZE = 256;
 const POOL_MAX_BYTES = 64 * 1024 * 1024;
 let pooledBytes = 0;
 
+/**
+ * Where a read reply's data starts in its buffer, its header (16 or 28
+ * bytes) just before. A copy into a buffer 16 or 28 bytes past a page-aligned
+ * start runs at 6–7 GiB/s on Bun (JavaScriptCore's `set`), 32 bytes past it at
+ * 16–17 GiB/s, as fast as on Deno and Node, where the offset does not matter:
+ * on Bun a 1 MiB read spent more time in that copy than in the socket.
+ */
+const READ_DATA_AT = 32;
+
 /** Microtask turns a reply waits for others to join its write. */
 const FLUSH_TURNS = 12;
 const pool = new Map<number, Uint8Array<ArrayBuffer>[]>();
@@ -425,29 +434,27 @@ export async function transmission(
     try {
       switch (req.type) {
         case NBD_CMD_READ: {
+          // The header goes right before the data, which starts at READ_DATA_AT.
+          const head = structured ? CHUNK_HEADER + 8 : SIMPLE_HEADER;
+          const out = takeBuffer(READ_DATA_AT + req.count, !session.readFillsBuffer);
+          await session.read(out.subarray(READ_DATA_AT), req.offset);
+          const reply = out.subarray(READ_DATA_AT - head);
           if (structured) {
-            const head = CHUNK_HEADER + 8;
-            const out = takeBuffer(head + req.count, !session.readFillsBuffer);
-            await session.read(out.subarray(head), req.offset);
             putChunkHeader(
-              out,
+              reply,
               req.cookie,
               NBD_REPLY_FLAG_DONE,
               NBD_REPLY_TYPE_OFFSET_DATA,
               8 + req.count,
             );
-            const view = new DataView(out.buffer, out.byteOffset + CHUNK_HEADER, 8);
+            const view = new DataView(reply.buffer, reply.byteOffset + CHUNK_HEADER, 8);
             view.setUint32(0, Math.floor(req.offset / TWO32));
             view.setUint32(4, req.offset % TWO32);
-            await send(out);
-            giveBuffer(out);
           } else {
-            const out = takeBuffer(SIMPLE_HEADER + req.count, !session.readFillsBuffer);
-            await session.read(out.subarray(SIMPLE_HEADER), req.offset);
-            putSimpleHeader(out, req.cookie, 0);
-            await send(out);
-            giveBuffer(out);
+            putSimpleHeader(reply, req.cookie, 0);
           }
+          await send(reply);
+          giveBuffer(out);
           return;
         }
         case NBD_CMD_WRITE:
