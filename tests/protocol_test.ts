@@ -10,7 +10,7 @@ import { ByteReader, EndOfStream } from "../protocol/byte_reader.ts";
 import { handshake } from "../protocol/handshake.ts";
 import { transmission } from "../protocol/transmission.ts";
 import { pluginProvider } from "../server/backend.ts";
-import { definePlugin } from "../plugins/plugin.ts";
+import { definePlugin, type Plugin } from "../plugins/plugin.ts";
 import { NbdError } from "../plugins/errors.ts";
 import { concat, u16, u32, u64 } from "./raw_client.ts";
 
@@ -82,6 +82,55 @@ function pipePair() {
 
 const IHAVEOPT = 0x49484156454f5054n;
 
+/**
+ * Serve `plugin` over in-memory streams: the server side runs in the
+ * background (`serving` settles when the client disconnects); the test
+ * drives `client` byte by byte.
+ */
+function serveOnPipes(
+  plugin: Plugin<unknown>,
+  options: { structured: boolean; readonly: boolean; errors: string[] },
+) {
+  const { server, client } = pipePair();
+  const serving = (async () => {
+    const n = await handshake(
+      server.reader,
+      server.writer,
+      pluginProvider(plugin, { readonly: options.readonly, exportName: "" }, 1),
+      {
+        structuredReplies: options.structured,
+        metaContexts: options.structured,
+        handshakeFlags: 3,
+        debug: () => {},
+        error: (m) => options.errors.push(m),
+      },
+    );
+    assert.ok(n);
+    assert.equal(n.structured, options.structured);
+    await transmission(n.reader, n.writer, n.session, {
+      structured: options.structured,
+      baseAllocation: false,
+      maxInFlight: 16,
+      error: (m) => options.errors.push(m),
+      debug: () => {},
+      shuttingDown: () => false,
+    });
+    await n.session.close();
+  })();
+  return { client, serving };
+}
+
+/** Read the replies to NBD_OPT_GO up to its ACK. */
+async function readGoReplies(client: ReturnType<typeof pipePair>["client"]): Promise<void> {
+  for (;;) {
+    const h = await client.reader.read(20);
+    const v = new DataView(h.buffer, h.byteOffset);
+    const len = v.getUint32(16);
+    if (len) await client.reader.read(len);
+    if (v.getUint32(12) === 1) return;
+  }
+}
+
 describe("protocol over in-memory streams", () => {
   test("GO with structured replies, then replies out of order", async () => {
     const disk = new Uint8Array(1 << 20);
@@ -99,33 +148,8 @@ describe("protocol over in-memory streams", () => {
         d.set(buf, offset);
       },
     });
-    const { server, client } = pipePair();
     const errors: string[] = [];
-    const serving = (async () => {
-      const n = await handshake(
-        server.reader,
-        server.writer,
-        pluginProvider(plugin, { readonly: false, exportName: "" }, 1),
-        {
-          structuredReplies: true,
-          metaContexts: true,
-          handshakeFlags: 3,
-          debug: () => {},
-          error: (m) => errors.push(m),
-        },
-      );
-      assert.ok(n);
-      assert.equal(n.structured, true);
-      await transmission(n.reader, n.writer, n.session, {
-        structured: true,
-        baseAllocation: false,
-        maxInFlight: 16,
-        error: (m) => errors.push(m),
-        debug: () => {},
-        shuttingDown: () => false,
-      });
-      await n.session.close();
-    })();
+    const { client, serving } = serveOnPipes(plugin, { structured: true, readonly: false, errors });
 
     const greeting = await client.reader.read(18);
     assert.equal(new DataView(greeting.buffer, greeting.byteOffset).getUint16(16), 3);
@@ -134,13 +158,7 @@ describe("protocol over in-memory streams", () => {
     const sr = await client.reader.read(20);
     assert.equal(new DataView(sr.buffer, sr.byteOffset).getUint32(12), 1); // ACK
     await client.writer.write(concat(u64(IHAVEOPT), u32(7), u32(6), u32(0), u16(0)));
-    for (;;) {
-      const h = await client.reader.read(20);
-      const v = new DataView(h.buffer, h.byteOffset);
-      const len = v.getUint32(16);
-      if (len) await client.reader.read(len);
-      if (v.getUint32(12) === 1) break;
-    }
+    await readGoReplies(client);
     const req = (type: number, cookie: number, offset: number, count: number, data?: Uint8Array) =>
       concat(
         u32(0x25609513),
@@ -192,40 +210,15 @@ describe("protocol over in-memory streams", () => {
           if (offset === 0) buf.fill(0xaa); // later reads leave the buffer as it came
         },
       });
-      const { server, client } = pipePair();
-      const serving = (async () => {
-        const n = await handshake(
-          server.reader,
-          server.writer,
-          pluginProvider(plugin, { readonly: true, exportName: "" }, 1),
-          {
-            structuredReplies: false,
-            metaContexts: false,
-            handshakeFlags: 3,
-            debug: () => {},
-            error: () => {},
-          },
-        );
-        assert.ok(n);
-        await transmission(n.reader, n.writer, n.session, {
-          structured: false,
-          baseAllocation: false,
-          maxInFlight: 16,
-          error: () => {},
-          debug: () => {},
-          shuttingDown: () => false,
-        });
-        await n.session.close();
-      })();
+      const { client, serving } = serveOnPipes(plugin, {
+        structured: false,
+        readonly: true,
+        errors: [],
+      });
       await client.reader.read(18);
       await client.writer.write(u32(3));
       await client.writer.write(concat(u64(IHAVEOPT), u32(7), u32(6), u32(0), u16(0)));
-      for (;;) {
-        const h = await client.reader.read(20);
-        const v = new DataView(h.buffer, h.byteOffset);
-        if (v.getUint32(16)) await client.reader.read(v.getUint32(16));
-        if (v.getUint32(12) === 1) break;
-      }
+      await readGoReplies(client);
       const read = async (cookie: number, offset: number) => {
         await client.writer.write(
           concat(
