@@ -443,7 +443,10 @@ export async function transmission(
         case NBD_CMD_READ: {
           // The header goes right before the data, which starts at READ_DATA_AT.
           const head = structured ? CHUNK_HEADER + 8 : SIMPLE_HEADER;
-          const out = takeBuffer(READ_DATA_AT + req.count, !session.readFillsBuffer);
+          // Pooled only when the reply goes out in a write of its own (see send): a
+          // batched reply is still referenced after send returns.
+          const min = POOL_MIN + READ_DATA_AT - head;
+          const out = takeBuffer(READ_DATA_AT + req.count, !session.readFillsBuffer, min);
           await session.read(out.subarray(READ_DATA_AT), req.offset);
           const reply = out.subarray(READ_DATA_AT - head);
           if (structured) {
@@ -461,7 +464,7 @@ export async function transmission(
             putSimpleHeader(reply, req.cookie, 0);
           }
           await send(reply);
-          giveBuffer(out);
+          giveBuffer(out, min);
           return;
         }
         case NBD_CMD_WRITE:

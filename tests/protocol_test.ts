@@ -89,7 +89,7 @@ const IHAVEOPT = 0x49484156454f5054n;
  */
 function serveOnPipes(
   plugin: Plugin<unknown>,
-  options: { structured: boolean; readonly: boolean; errors: string[] },
+  options: { structured: boolean; readonly: boolean; errors: string[]; maxInFlight?: number },
 ) {
   const { server, client } = pipePair();
   const serving = (async () => {
@@ -110,7 +110,7 @@ function serveOnPipes(
     await transmission(n.reader, n.writer, n.session, {
       structured: options.structured,
       baseAllocation: false,
-      maxInFlight: 16,
+      maxInFlight: options.maxInFlight ?? 16,
       error: (m) => options.errors.push(m),
       debug: () => {},
       shuttingDown: () => false,
@@ -242,5 +242,46 @@ describe("protocol over in-memory streams", () => {
       assert.deepEqual(zeroedOnEntry, [true, !fills]);
       assert.ok(second.every((b) => b === (fills ? 0xaa : 0)));
     }
+  });
+
+  test("replies just under 64 KiB, batched together, each keep their own bytes", async () => {
+    // 28 + 65504 bytes: a reply batched with the next one, in a buffer of 32 + 65504
+    // bytes. Handed back to the pool before the batch went out, the buffer was
+    // taken by the second read (one request at a time: it starts once the first
+    // is done) and the first reply carried the second's bytes.
+    const count = 65504;
+    const plugin = definePlugin({
+      name: "byoffset",
+      preadFillsBuffer: true,
+      open: () => null,
+      getSize: () => 1 << 20,
+      pread: (_h, buf, offset) => void buf.fill(offset === 0 ? 0xaa : 0xbb),
+    });
+    const { client, serving } = serveOnPipes(plugin, {
+      structured: true,
+      readonly: true,
+      errors: [],
+      maxInFlight: 1,
+    });
+    await client.reader.read(18);
+    await client.writer.write(u32(3));
+    await client.writer.write(concat(u64(IHAVEOPT), u32(8), u32(0)));
+    await client.reader.read(20);
+    await client.writer.write(concat(u64(IHAVEOPT), u32(7), u32(6), u32(0), u16(0)));
+    await readGoReplies(client);
+    const read = (cookie: number, offset: number) =>
+      concat(u32(0x25609513), u16(0), u16(0), u64(BigInt(cookie)), u64(BigInt(offset)), u32(count));
+    await client.writer.write(concat(read(1, 0), read(2, 1 << 19)));
+    const got = new Map<number, Uint8Array>();
+    for (let i = 0; i < 2; i++) {
+      const h = await client.reader.read(20);
+      const v = new DataView(h.buffer, h.byteOffset);
+      const body = (await client.reader.read(v.getUint32(16))).slice(8);
+      got.set(Number(v.getBigUint64(8)), body);
+    }
+    await client.writer.write(concat(u32(0x25609513), u16(0), u16(2), u64(3n), u64(0n), u32(0)));
+    await serving;
+    assert.ok(got.get(1)!.every((b) => b === 0xaa), "the first reply has the first read's bytes");
+    assert.ok(got.get(2)!.every((b) => b === 0xbb));
   });
 });
