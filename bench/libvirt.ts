@@ -142,6 +142,7 @@ function median(xs: number[]): number {
 }
 
 const env = await setupLibvirt({ bigSize: sizeMiB * 1024 * 1024, extraDisks: false });
+const ceilingExe = buildCeiling();
 try {
   const params = ["libvirt", `domain=${env.domain}`, "disk=sda"];
   const programs = { ours, nbdkit: ["nbdkit"] };
@@ -151,7 +152,6 @@ try {
       `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}`,
   );
   const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
-  const ceilingExe = buildCeiling();
   const ceilings: number[] = [];
   for (let i = 0; i < rounds; i++) {
     if (ceilingExe) {
@@ -181,7 +181,6 @@ try {
   console.log(`throughput ratio ours/nbdkit: ${(t / o).toFixed(2)}x`);
   if (ceilingExe) {
     const c = median(ceilings);
-    rmSync(ceilingExe, { force: true });
     console.log(
       `median ceiling ${c.toFixed(2)} s  ${(sizeMiB / c).toFixed(0)} MiB/s (peeks alone)`,
     );
@@ -191,5 +190,6 @@ try {
     );
   }
 } finally {
+  if (ceilingExe) rmSync(ceilingExe, { force: true });
   env.cleanup();
 }
