@@ -12,6 +12,7 @@ import {
   fdWritable,
   nodeRuntime,
   openStream,
+  pacedFifoWritable,
   READ_HIGH_WATER_MARK,
   removeStaleSocket,
   startTlsOverStreams,
@@ -21,18 +22,32 @@ import {
 import { constants } from "node:fs";
 import process from "node:process";
 import { enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
-import { importBunFfi } from "./libvirt/bun_ffi.ts";
+import { type BunPointer, importBunFfi } from "./libvirt/bun_ffi.ts";
+import { FIONREAD } from "./paced_pipe.ts";
 
 let bunLibc: Promise<PipeLibc | null> | undefined;
 
-/** libc's `fcntl` through `bun:ffi`, for {@linkcode enlargePipeFd}. */
+/** The libc calls as `bun:ffi` types them. */
+interface BunLibc {
+  fcntl(fd: number, cmd: number, arg: number): number;
+  ioctl(fd: number, request: number, out: BunPointer): number;
+}
+
+/** libc's `fcntl` and `ioctl` through `bun:ffi`, for {@linkcode enlargePipeFd} and pacing FIFO writes. */
 function bunPipeLibc(): Promise<PipeLibc | null> {
   return bunLibc ??= (async () => {
     try {
       const ffi = await importBunFfi();
-      return ffi.dlopen<PipeLibc>("libc.so.6", {
+      const { symbols } = ffi.dlopen<BunLibc>("libc.so.6", {
         fcntl: { args: ["i32", "i32", "i32"], returns: "i32" },
-      }).symbols;
+        ioctl: { args: ["i32", "u64", "ptr"], returns: "i32" },
+      });
+      const count = new Int32Array(1);
+      const at = ffi.ptr(count);
+      return {
+        fcntl: symbols.fcntl,
+        queued: (fd: number) => symbols.ioctl(fd, FIONREAD, at) < 0 ? -1 : count[0],
+      };
     } catch {
       return null;
     }
@@ -368,7 +383,11 @@ export const bunRuntime: Runtime = {
 
   async openWriteStream(path) {
     const flags = await writeStreamFlags(path);
-    return openStream(path, flags, await enlarging(fdWritable), fdWritable);
+    const libc = await bunPipeLibc();
+    return openStream(path, flags, (fd) => {
+      enlargePipeFd(libc, fd);
+      return pacedFifoWritable(path, fd, libc, fdWritable);
+    }, fdWritable);
   },
 
   ...stdStreams(bunPipeLibc),

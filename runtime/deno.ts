@@ -14,7 +14,8 @@ import type {
   TlsServerOptions,
 } from "./types.ts";
 import { readFirstLine } from "./first_line.ts";
-import { enlargePipeFd } from "./pipe_size.ts";
+import { enlargePipeFd, pipeCapacity } from "./pipe_size.ts";
+import { FIONREAD, pacedPipeWritable, writeOutcome } from "./paced_pipe.ts";
 import { denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
 import { openDenoFile } from "./deno_file.ts";
@@ -45,6 +46,38 @@ function enlargeFifo(path: string, write: boolean): void {
   if (fd < 0) return;
   enlargePipeFd(libc, fd);
   libc.close(fd);
+}
+
+/**
+ * The FIFO at `path`, already open for writing as `file`, as a paced
+ * nonblocking stream (runtime/paced_pipe.ts); null without libc, and the
+ * caller keeps Deno's own writer, which waits in `write(2)` on its threads.
+ */
+function pacedFifo(path: string, file: Deno.FsFile): WritableStream<Uint8Array> | null {
+  const libc = denoLibc();
+  if (!libc) return null;
+  // A reader is there (Deno's open returned), so this open succeeds at once.
+  const fd = libc.open(cString(path), O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0);
+  if (fd < 0) return null;
+  enlargePipeFd(libc, fd);
+  const errnoAt = new Deno.UnsafePointerView(libc.__errno_location()!);
+  const errno = () => errnoAt.getInt32();
+  const count = new Int32Array(1);
+  return pacedPipeWritable({
+    tryWrite: (buf) => writeOutcome(Number(libc.write(fd, buf, BigInt(buf.length))), errno),
+    queued: () => libc.ioctl(fd, BigInt(FIONREAD), count) < 0 ? -1 : count[0],
+    async writeAll(buf) {
+      for (let done = 0; done < buf.length;) done += await file.write(buf.subarray(done));
+    },
+    close() {
+      libc.close(fd);
+      try {
+        file.close();
+      } catch {
+        // already closed by a failed write
+      }
+    },
+  }, pipeCapacity(libc, fd));
 }
 
 /** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
@@ -313,7 +346,9 @@ export const denoRuntime: Runtime = {
     const info = await denoRuntime.stat(path);
     const truncate = info?.kind === "file";
     const file = await Deno.open(path, { write: true, truncate, create: info === null });
-    if (info?.kind === "fifo") enlargeFifo(path, true);
+    if (info?.kind === "fifo") {
+      return pacedFifo(path, file) ?? (enlargeFifo(path, true), file.writable);
+    }
     return file.writable;
   },
 

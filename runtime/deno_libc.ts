@@ -21,6 +21,10 @@ const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // The paced FIFO writer: nonblocking writes on this thread, errno read right after.
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  __errno_location: { parameters: [], result: "pointer" },
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
   // On Deno's blocking threads: concurrent, and the event loop runs on.
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },

@@ -28,7 +28,8 @@ import type {
   SpawnOptions,
   TlsServerOptions,
 } from "./types.ts";
-import { enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
+import { enlargePipeFd, pipeCapacity, type PipeLibc } from "./pipe_size.ts";
+import { FIONREAD, pacedPipeWritable } from "./paced_pipe.ts";
 
 const encoder = new TextEncoder();
 
@@ -601,6 +602,54 @@ function pipeWritable(fd: number): WritableStream<Uint8Array> {
 }
 
 /**
+ * The FIFO at `path`, open for writing as `fd`, as a paced stream
+ * (runtime/paced_pipe.ts): a second, nonblocking descriptor written from
+ * this thread while the reader is slow, `fd` itself written in the thread
+ * pool while it is fast. Without `queued` from the FFI, `orElse(fd)`.
+ *
+ * @param path The FIFO.
+ * @param fd A blocking descriptor open on it for writing (a reader is there).
+ * @param libc The adapter's libc calls, if any.
+ * @param orElse The stream to use when pacing is not possible.
+ * @returns The stream; it closes both descriptors.
+ */
+export function pacedFifoWritable(
+  path: string,
+  fd: number,
+  libc: PipeLibc | null,
+  orElse: (fd: number) => WritableStream<Uint8Array>,
+): WritableStream<Uint8Array> {
+  const queued = libc?.queued;
+  let fast: number;
+  try {
+    if (!libc || !queued) throw new Error("no FFI");
+    fast = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+  } catch {
+    return orElse(fd);
+  }
+  return pacedPipeWritable({
+    tryWrite(buf) {
+      try {
+        return fs.writeSync(fast, buf);
+      } catch (err) {
+        const code = errnoCode(err);
+        if (code === "EAGAIN") return -1;
+        if (code === "EINTR") return 0;
+        throw err;
+      }
+    },
+    queued: () => queued(fast),
+    async writeAll(buf) {
+      for (let done = 0; done < buf.length;) done += await writeFd(fd, buf.subarray(done));
+    },
+    close() {
+      fs.close(fast, () => {});
+      fs.close(fd, () => {});
+    },
+  }, pipeCapacity(libc, fast));
+}
+
+/**
  * Open `path` (in the thread pool: opening a FIFO waits for its other end)
  * and stream it. Shared with the Bun adapter, which passes stream makers that
  * avoid `net.Socket` on pipes.
@@ -652,11 +701,12 @@ export function stdStreams(
 let koffiLibc: Promise<PipeLibc | null> | undefined;
 
 /**
- * libc's `fcntl` through koffi (an optional dependency): what
- * {@linkcode enlargePipeFd} needs on Node, which has no `fcntl` of its own.
- * Without koffi, pipes keep their size.
+ * libc's `fcntl` and `ioctl` through koffi (an optional dependency): what
+ * {@linkcode enlargePipeFd} and {@linkcode pacedFifoWritable} need on Node,
+ * which has neither. Without koffi, pipes keep their size and FIFO writes
+ * are not paced.
  *
- * @returns The call, or null.
+ * @returns The calls, or null.
  */
 function nodePipeLibc(): Promise<PipeLibc | null> {
   return koffiLibc ??= (async () => {
@@ -665,8 +715,14 @@ function nodePipeLibc(): Promise<PipeLibc | null> {
         load(path: string): { func(definition: string): (...a: unknown[]) => number };
       };
       const mod = await import("koffi") as unknown as { default?: Koffi } & Koffi;
-      const fcntl = (mod.default ?? mod).load("libc.so.6").func("int fcntl(int, int, ...)");
-      return { fcntl: (fd: number, cmd: number, arg: number) => fcntl(fd, cmd, "int", arg) };
+      const lib = (mod.default ?? mod).load("libc.so.6");
+      const fcntl = lib.func("int fcntl(int, int, ...)");
+      const ioctl = lib.func("int ioctl(int, unsigned long, ...)");
+      const count = new Int32Array(1);
+      return {
+        fcntl: (fd: number, cmd: number, arg: number) => fcntl(fd, cmd, "int", arg),
+        queued: (fd: number) => ioctl(fd, FIONREAD, "int *", count) < 0 ? -1 : count[0],
+      };
     } catch {
       return null;
     }
@@ -971,7 +1027,7 @@ export const nodeRuntime: Runtime = {
     const libc = await nodePipeLibc();
     return openStream(path, await writeStreamFlags(path), (fd) => {
       enlargePipeFd(libc, fd);
-      return pipeWritable(fd);
+      return pacedFifoWritable(path, fd, libc, pipeWritable);
     }, fdWritable);
   },
 

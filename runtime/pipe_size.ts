@@ -17,10 +17,15 @@ export const PIPE_SIZE = 1 << 20;
 /** `fcntl` commands (Linux). */
 export const F_SETPIPE_SZ = 1031;
 
+/** @see F_SETPIPE_SZ */
+export const F_GETPIPE_SZ = 1032;
+
 /** The libc call needed, as each adapter's FFI provides it. */
 export interface PipeLibc {
   /** `fcntl(fd, cmd, arg)`. */
   fcntl(fd: number, cmd: number, arg: number): number;
+  /** The bytes waiting in the pipe behind `fd` (`ioctl FIONREAD`), -1 on failure; for pacing writes. */
+  queued?(fd: number): number;
 }
 
 /**
@@ -36,4 +41,21 @@ export function enlargePipeFd(libc: PipeLibc | null, fd: number): void {
   } catch {
     // best effort
   }
+}
+
+/**
+ * The size of the pipe behind `fd`.
+ *
+ * @param libc The FFI calls.
+ * @param fd An open pipe descriptor.
+ * @returns Its size in bytes; Linux's default (64 KiB) when the kernel does not say.
+ */
+export function pipeCapacity(libc: PipeLibc, fd: number): number {
+  try {
+    const size = libc.fcntl(fd, F_GETPIPE_SZ, 0);
+    if (size > 0) return size;
+  } catch {
+    // fall through
+  }
+  return 64 * 1024;
 }

@@ -8,6 +8,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { connect, type Socket } from "node:net";
+import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { type Connection, runtime } from "../runtime/mod.ts";
 import process from "node:process";
 import { scratch, sh, shQuote } from "./helpers.ts";
@@ -305,6 +308,72 @@ test(
       ]);
       assertSameBytes(received, data);
       assert.equal((await runtime.stat(path))?.kind, "fifo");
+    } finally {
+      cleanup();
+    }
+  },
+);
+
+/** The descriptors of this process open on `path`, each with whether it is nonblocking. */
+function fdsOn(path: string): { fd: number; nonblocking: boolean }[] {
+  const out = [];
+  for (const name of readdirSync("/proc/self/fd")) {
+    let target;
+    try {
+      target = readlinkSync(`/proc/self/fd/${name}`);
+    } catch {
+      continue; // closed meanwhile (readdir's own descriptor)
+    }
+    if (target !== path) continue;
+    const flags = /^flags:\s*(\d+)/m.exec(readFileSync(`/proc/self/fdinfo/${name}`, "utf8"));
+    out.push({ fd: Number(name), nonblocking: (parseInt(flags![1], 8) & 0o4000) !== 0 });
+  }
+  return out;
+}
+
+test(
+  "openWriteStream on a FIFO: paced for a slow reader, every byte once, for a fast reader too",
+  { timeout: 60_000 },
+  async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const path = `${dir}/fifo`;
+      await runtime.mkfifo(path);
+      // 64 KiB every 2 ms, far slower than the writer: the pipe fills and stays full.
+      const slow = "import hashlib,sys,time\nh=hashlib.sha256()\n" +
+        "while b:=sys.stdin.buffer.read1(65536): h.update(b); time.sleep(0.002)\nprint(h.hexdigest())";
+      for (
+        const [reader, size] of [[`python3 -c ${shQuote(slow)}`, 8 << 20], [
+          "sha256sum",
+          96 << 20,
+        ]] as const
+      ) {
+        const child = spawn("/bin/sh", ["-c", `${reader} < ${shQuote(path)}`], {
+          stdio: ["ignore", "pipe", "inherit"],
+        });
+        let out = "";
+        child.stdout.on("data", (d) => out += d);
+        const exited = new Promise((resolve) => child.on("close", resolve));
+        const writable = await runtime.openWriteStream(path);
+        // Two descriptors: a nonblocking one written while the reader is slow,
+        // a blocking one for the thread that waits when it is fast.
+        const fds = fdsOn(path);
+        assert.deepEqual(
+          fds.map((f) => f.nonblocking).sort(),
+          [false, true],
+          `${reader}: ${JSON.stringify(fds)}`,
+        );
+        const data = pattern(size, 9);
+        await writeChunked(writable, data);
+        await writable.close();
+        assert.equal(await exited, 0);
+        assert.deepEqual(fdsOn(path), [], "both closed");
+        assert.equal(
+          out.trim().split(" ")[0],
+          createHash("sha256").update(data).digest("hex"),
+          reader,
+        );
+      }
     } finally {
       cleanup();
     }
