@@ -13,8 +13,8 @@
  * So the descriptor is nonblocking, and when the pipe is full the writer
  * sleeps for a timer tick, which nobody else has to pay for. A reader fast
  * enough to empty the pipe within that tick would be held back by the
- * timer, so when a sleep of the usual length finds the pipe (almost) empty
- * the writer goes back to waiting in `write(2)` for the next
+ * timer, so when two sleeps of the usual length in a row find the pipe
+ * (almost) empty the writer goes back to waiting in `write(2)` for the next
  * {@linkcode REPROBE_BYTES}, then tries pacing again.
  *
  * @module
@@ -117,6 +117,7 @@ export function pacedPipeWritable(
   let waitUntil = 0; // stream offset up to which the writer waits for room instead of sleeping
   let written = 0;
   let tick = Infinity; // the shortest sleep seen: the runtime's timer granularity (Deno's 1 ms is 2.1)
+  let emptied = 0; // ordinary sleeps in a row that found the pipe (almost) empty
   let closed = false;
   const close = () => {
     if (closed) return;
@@ -159,8 +160,16 @@ export function pacedPipeWritable(
       // The pipe was full when the sleep began. Empty (or nearly) at its end
       // after an ordinary tick, the reader has been waiting for the timer.
       // After a long one (the event loop was busy elsewhere), it says nothing.
+      // One such sleep is not enough: the first sleep sets `tick`, and when
+      // it was long (a collection, a busy loop) it looks ordinary. Two in a
+      // row cost a fast reader one tick more.
       if (left >= 0 && left < capacity / 8 && slept < tick * 1.5) {
-        waitUntil = written + REPROBE_BYTES;
+        if (++emptied >= 2) {
+          waitUntil = written + REPROBE_BYTES;
+          emptied = 0;
+        }
+      } else {
+        emptied = 0;
       }
     }
   }

@@ -72,7 +72,9 @@ async function writeAllOf(stream: WritableStream<Uint8Array>, bytes: Uint8Array,
 }
 
 test("a slow reader: the writer sleeps on a full pipe and never waits in write(2)", async () => {
-  const { pipe, stats, bytes } = simulatedPipe(CAPACITY / 8); // an eighth of the pipe per ms
+  // A 32nd of the pipe per ms: a sleep would have to last 28 ms, twice in a
+  // row, for the pipe to look empty.
+  const { pipe, stats, bytes } = simulatedPipe(CAPACITY / 32);
   const input = data(6 * CAPACITY);
   await writeAllOf(pacedPipeWritable(pipe, CAPACITY), input, 20_000);
   assert.deepEqual(bytes(), input);
@@ -87,7 +89,8 @@ test("a reader faster than the timer: the writer goes back to waiting in write(2
   await writeAllOf(pacedPipeWritable(pipe, CAPACITY), input, 3 * CAPACITY);
   assert.deepEqual(bytes(), input);
   assert.ok(stats.writeAll > 0, `switched to blocking writes ${JSON.stringify(stats)}`);
-  assert.ok(stats.full <= 2, `at most a tick lost before switching (${stats.full} full pipes)`);
+  // Two ticks decide; a late timer may cost one or two more (paced all the way: ~40).
+  assert.ok(stats.full <= 4, `a few ticks lost before switching (${stats.full} full pipes)`);
 });
 
 test("writeOutcome: EAGAIN is a full pipe, EINTR a retry, EPIPE and others throw with a code", () => {
