@@ -20,6 +20,12 @@
  * no client at all. No server can be faster than that; when the ceiling is
  * slower than half nbdkit's time, the 2× target is out of reach on the machine.
  *
+ * The CPU budget says the same in CPU seconds: at the 2× target's time the
+ * machine's cores offer so many; the work no server can avoid is libvirtd's
+ * (during the ceiling), libvirt's client library's (the ceiling process
+ * itself) and nbdcopy's (as measured beside nbdkit). What is left is all a
+ * server may spend, with perfect overlap, on its NBD side.
+ *
  * @module
  */
 import { spawn, spawnSync } from "node:child_process";
@@ -78,9 +84,32 @@ function buildCeiling(): string | null {
 const CEILING_THREADS = 4;
 const CEILING_PEEK = 1 << 20;
 
-/** Seconds for `exe` to peek the whole disk, no NBD involved. */
-function ceiling(exe: string, domain: string): number {
-  const out = must(exe, [
+/** `argv` run under /usr/bin/time: its stdout and the CPU seconds (user + system) it used. */
+function timed(argv: string[]): { status: number | null; stdout: string; cpu: number } {
+  const file = join(tmpdir(), `nbdkit-ts-bench-time-${process.pid}`);
+  const r = spawnSync("/usr/bin/time", ["-f", "%U %S", "-o", file, ...argv], {
+    env: ENV,
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const [user, sys] = readFileSync(file, "utf8").trim().split("\n").at(-1)!.split(" ").map(Number);
+  rmSync(file, { force: true });
+  return { status: r.status, stdout: r.stdout, cpu: user + sys };
+}
+
+/** The ceiling's time, its own CPU (libvirt's client library) and libvirtd's meanwhile. */
+interface Ceiling {
+  seconds: number;
+  clientCpu: number;
+  libvirtdCpu: number;
+}
+
+/** Peek the whole disk with `exe`, no NBD involved. */
+function ceiling(exe: string, domain: string): Ceiling {
+  const lv = libvirtdPid();
+  const lvBefore = cpuSeconds(lv);
+  const r = timed([
+    exe,
     "qemu:///system",
     domain,
     "sda",
@@ -88,13 +117,27 @@ function ceiling(exe: string, domain: string): number {
     String(CEILING_THREADS),
     String(CEILING_PEEK),
   ]);
-  return Number(out.trim());
+  if (r.status !== 0) throw new Error(`${exe} failed with status ${r.status}`);
+  return {
+    seconds: Number(r.stdout.trim()),
+    clientCpu: r.cpu,
+    libvirtdCpu: cpuSeconds(lv) - lvBefore,
+  };
 }
 
 interface Sample {
   seconds: number;
   serverCpu: number;
   libvirtdCpu: number;
+  nbdcopyCpu: number;
+  /** The server's peak resident set (VmHWM), MiB. */
+  peakMiB: number;
+}
+
+/** Peak resident set of a process so far, MiB. */
+function peakMiB(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  return Number(/^VmHWM:\s+(\d+)/m.exec(status)?.[1] ?? 0) / 1024;
 }
 
 /** Start `program` serving `params` on a socket, time one nbdcopy from it, stop it. */
@@ -118,16 +161,15 @@ async function measure(program: string[], params: string[]): Promise<Sample> {
     const srvBefore = cpuSeconds(child.pid!);
     const t0 = performance.now();
     const extra = requestSize ? [`--request-size=${requestSize}`] : [];
-    const r = spawnSync("nbdcopy", [...extra, `nbd+unix:///?socket=${socket}`, "null:"], {
-      env: ENV,
-      stdio: ["ignore", "inherit", "inherit"],
-    });
+    const r = timed(["nbdcopy", ...extra, `nbd+unix:///?socket=${socket}`, "null:"]);
     const seconds = (performance.now() - t0) / 1000;
     if (r.status !== 0) throw new Error(`nbdcopy failed with status ${r.status}`);
     return {
       seconds,
       serverCpu: cpuSeconds(child.pid!) - srvBefore,
       libvirtdCpu: cpuSeconds(lv) - lvBefore,
+      nbdcopyCpu: r.cpu,
+      peakMiB: peakMiB(child.pid!),
     };
   } finally {
     child.kill("SIGTERM");
@@ -152,16 +194,17 @@ try {
       `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}`,
   );
   const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
-  const ceilings: number[] = [];
+  const ceilings: Ceiling[] = [];
   for (let i = 0; i < rounds; i++) {
     if (ceilingExe) {
       const c = ceiling(ceilingExe, env.domain);
       ceilings.push(c);
       console.log(
-        `  round ${i + 1} ceiling ${c.toFixed(2)} s  ${
-          (sizeMiB / c).toFixed(0).padStart(5)
-        } MiB/s` +
-          `  (virDomainBlockPeek alone, ${CEILING_THREADS} threads, no NBD)`,
+        `  round ${i + 1} ceiling ${c.seconds.toFixed(2)} s  ${
+          (sizeMiB / c.seconds).toFixed(0).padStart(5)
+        } MiB/s  client cpu ${c.clientCpu.toFixed(2)} s  libvirtd cpu ${
+          c.libvirtdCpu.toFixed(2)
+        } s  (virDomainBlockPeek alone, ${CEILING_THREADS} threads, no NBD)`,
       );
     }
     for (const name of ["ours", "nbdkit"] as const) {
@@ -170,23 +213,48 @@ try {
       console.log(
         `  round ${i + 1} ${name.padEnd(6)} ${s.seconds.toFixed(2)} s  ` +
           `${(sizeMiB / s.seconds).toFixed(0).padStart(5)} MiB/s  ` +
-          `server cpu ${s.serverCpu.toFixed(2)} s  libvirtd cpu ${s.libvirtdCpu.toFixed(2)} s`,
+          `server cpu ${s.serverCpu.toFixed(2)} s  libvirtd cpu ${s.libvirtdCpu.toFixed(2)} s  ` +
+          `nbdcopy cpu ${s.nbdcopyCpu.toFixed(2)} s  server peak RSS ${s.peakMiB.toFixed(0)} MiB`,
       );
     }
   }
-  const o = median(results.ours.map((s) => s.seconds));
-  const t = median(results.nbdkit.map((s) => s.seconds));
-  console.log(`median ours   ${o.toFixed(2)} s  ${(sizeMiB / o).toFixed(0)} MiB/s`);
-  console.log(`median nbdkit ${t.toFixed(2)} s  ${(sizeMiB / t).toFixed(0)} MiB/s`);
+  const of = (name: "ours" | "nbdkit", key: keyof Sample) =>
+    median(results[name].map((s) => s[key]));
+  const o = of("ours", "seconds");
+  const t = of("nbdkit", "seconds");
+  for (const name of ["ours", "nbdkit"] as const) {
+    const m = of(name, "seconds");
+    console.log(
+      `median ${name.padEnd(6)} ${m.toFixed(2)} s  ${(sizeMiB / m).toFixed(0)} MiB/s  server cpu ${
+        of(name, "serverCpu").toFixed(2)
+      } s  peak RSS ${of(name, "peakMiB").toFixed(0)} MiB`,
+    );
+  }
   console.log(`throughput ratio ours/nbdkit: ${(t / o).toFixed(2)}x`);
   if (ceilingExe) {
-    const c = median(ceilings);
+    const c = median(ceilings.map((x) => x.seconds));
     console.log(
       `median ceiling ${c.toFixed(2)} s  ${(sizeMiB / c).toFixed(0)} MiB/s (peeks alone)`,
     );
     console.log(
       `ceiling ratio (no server, no client)/nbdkit: ${(t / c).toFixed(2)}x; ` +
         `the 2x target needs ${(t / 2).toFixed(2)} s`,
+    );
+    const daemon = median(ceilings.map((x) => x.libvirtdCpu));
+    const client = median(ceilings.map((x) => x.clientCpu));
+    const copy = of("nbdkit", "nbdcopyCpu");
+    const budget = Number(cores) * t / 2;
+    const fixed = daemon + client + copy;
+    console.log(
+      `cpu budget at the 2x time: ${cores} cores x ${(t / 2).toFixed(2)} s = ${
+        budget.toFixed(2)
+      } cpu-s; unavoidable: libvirtd ${daemon.toFixed(2)} + libvirt client ${
+        client.toFixed(2)
+      } + nbdcopy ${copy.toFixed(2)} = ${fixed.toFixed(2)}; left for a server's NBD side: ${
+        (budget - fixed).toFixed(2)
+      } cpu-s (ours spends about ${(of("ours", "serverCpu") - client).toFixed(2)}, nbdkit ${
+        (of("nbdkit", "serverCpu") - client).toFixed(2)
+      })`,
     );
   }
 } finally {
