@@ -25,6 +25,7 @@ declare namespace Deno {
   type FileInfo = AnyDeno;
   type FsFile = AnyDeno;
   type Command = AnyDeno;
+  type CommandStatus = AnyDeno;
   type PointerValue = AnyDeno;
   type DynamicLibrary<S> = AnyDeno;
 }

@@ -5,10 +5,12 @@
  */
 import type {
   Connection,
+  ExitStatus,
   FileInfo,
   FileKind,
   Listener,
   Runtime,
+  ShellChild,
   SignalName,
   SpawnOptions,
   TlsServerOptions,
@@ -267,7 +269,7 @@ export const denoRuntime: Runtime = {
     };
   },
 
-  async spawnShell(command: string, options: SpawnOptions = {}): Promise<number> {
+  spawnShell(command: string, options: SpawnOptions = {}): ShellChild {
     const child = new Deno.Command("/bin/sh", {
       args: ["-c", command],
       env: options.env,
@@ -278,8 +280,24 @@ export const denoRuntime: Runtime = {
     if (options.stdout === "stderr") {
       child.stdout.pipeTo(Deno.stderr.writable, { preventClose: true });
     }
-    const status = await child.status;
-    return status.signal ? 128 + signalNumber(status.signal) : status.code;
+    let ended = false;
+    const status = child.status.then((s: Deno.CommandStatus): ExitStatus => {
+      ended = true;
+      return s.signal
+        ? { code: null, signal: signalNumber(s.signal) }
+        : { code: s.code, signal: null };
+    });
+    return {
+      status,
+      kill(signal) {
+        if (ended) return;
+        try {
+          child.kill(signal);
+        } catch {
+          // it ended meanwhile
+        }
+      },
+    };
   },
 
   async spawnDetachedSelf(args, env) {

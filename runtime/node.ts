@@ -13,17 +13,19 @@ import * as tls from "node:tls";
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import * as os from "node:os";
 import * as nodeModule from "node:module";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import process from "node:process";
 import type {
   Connection,
+  ExitStatus,
   FileInfo,
   FileKind,
   Listener,
   PemFile,
   RandomAccessFile,
   Runtime,
+  ShellChild,
   SignalName,
   SpawnOptions,
   TlsServerOptions,
@@ -442,18 +444,31 @@ function listenOn(
 }
 
 /**
- * Remove `path` if it is a socket: a server that died left it behind, and
- * binding would fail with EADDRINUSE. Anything else at `path` is left alone
+ * Remove `path` if it is a socket nobody listens on: a server that died left
+ * it behind, and binding would fail with EADDRINUSE. A live socket is refused
+ * ("PATH: Address already in use"); anything else at `path` is left alone
  * (binding then fails, as it should).
  *
  * @param path The Unix socket path about to be bound.
  */
 export async function removeStaleSocket(path: string): Promise<void> {
   try {
-    if ((await fsp.lstat(path)).isSocket()) await fsp.unlink(path);
+    if (!(await fsp.lstat(path)).isSocket()) return;
   } catch {
-    // nothing there
+    return; // nothing there
   }
+  // A socket somebody still listens on is theirs: taking it over would
+  // leave their clients connecting to us (the type's contract).
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.createConnection({ path });
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+  if (live) throw new Error(`${path}: Address already in use`);
+  await fsp.unlink(path).catch(() => {});
 }
 
 function kindOf(st: fs.Stats): FileKind {
@@ -864,9 +879,9 @@ function firstLineOf(out: Readable): Promise<string> {
   });
 }
 
-function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
-  if (signal) return 128 + (os.constants.signals[signal] ?? 0);
-  return code ?? 0;
+function exitStatus(code: number | null, signal: NodeJS.Signals | null): ExitStatus {
+  if (signal) return { code: null, signal: os.constants.signals[signal] ?? 0 };
+  return { code: code ?? 0, signal: null };
 }
 
 /** The runtime adapter for Node (also the base of the Bun adapter). */
@@ -903,7 +918,15 @@ export const nodeRuntime: Runtime = {
     const server = net.createServer({ allowHalfOpen: true }, (sock) => {
       onConnection(socketConnection(sock));
     });
-    await listenOn(server, (done) => server.listen({ path }, done));
+    try {
+      await listenOn(server, (done) => server.listen({ path }, done));
+    } catch (err) {
+      // libuv reports a missing directory as EACCES (as on Windows).
+      if (errnoCode(err) === "EACCES" && !fs.existsSync(dirname(path))) {
+        throw Object.assign(new Error("ENOENT: no such file or directory"), { code: "ENOENT" });
+      }
+      throw err;
+    }
     return { address: { transport: "unix", path }, close: () => server.close() };
   },
 
@@ -933,20 +956,30 @@ export const nodeRuntime: Runtime = {
     };
   },
 
-  spawnShell(command: string, options: SpawnOptions = {}): Promise<number> {
-    return new Promise((resolve, reject) => {
-      const child = spawn("/bin/sh", ["-c", command], {
-        env: { ...process.env, ...options.env },
-        // Our fd 2 given as the child's stdout: no pipe to pump.
-        stdio: [
-          options.stdin === "null" ? "ignore" : "inherit",
-          options.stdout === "stderr" ? 2 : "inherit",
-          "inherit",
-        ],
-      });
-      child.once("error", reject);
-      child.once("exit", (code, signal) => resolve(exitStatus(code, signal)));
+  spawnShell(command: string, options: SpawnOptions = {}): ShellChild {
+    const child = spawn("/bin/sh", ["-c", command], {
+      env: { ...process.env, ...options.env },
+      // Our fd 2 given as the child's stdout: no pipe to pump.
+      stdio: [
+        options.stdin === "null" ? "ignore" : "inherit",
+        options.stdout === "stderr" ? 2 : "inherit",
+        "inherit",
+      ],
     });
+    let ended = false;
+    const status = new Promise<ExitStatus>((resolve, reject) => {
+      child.once("error", reject);
+      child.once("exit", (code, signal) => {
+        ended = true;
+        resolve(exitStatus(code, signal));
+      });
+    });
+    return {
+      status,
+      kill(signal) {
+        if (!ended) child.kill(signal);
+      },
+    };
   },
 
   async spawnDetachedSelf(args, env) {
@@ -1008,11 +1041,14 @@ export const nodeRuntime: Runtime = {
     let stderr = "";
     child.stderr!.setEncoding("utf8");
     child.stderr!.on("data", (text: string) => stderr += text);
-    const status = await new Promise<number>((resolve, reject) => {
+    const status = await new Promise<ExitStatus>((resolve, reject) => {
       child.once("error", reject);
       child.once("close", (code, signal) => resolve(exitStatus(code, signal)));
     });
-    if (status !== 0) throw new Error(`mkfifo: ${stderr.trim() || `exit status ${status}`}`);
+    if (status.code !== 0) {
+      const how = status.signal === null ? `exit status ${status.code}` : `signal ${status.signal}`;
+      throw new Error(`mkfifo: ${stderr.trim() || how}`);
+    }
   },
 
   async openReadStream(path) {

@@ -108,6 +108,17 @@ export interface SpawnOptions {
 /** Signals the server reacts to. */
 export type SignalName = "SIGINT" | "SIGTERM" | "SIGHUP";
 
+/** How a child process ended: an exit code, or the signal that killed it. */
+export type ExitStatus = { code: number; signal: null } | { code: null; signal: number };
+
+/** A command started by {@linkcode Runtime.spawnShell}. */
+export interface ShellChild {
+  /** Resolves when it has ended; rejects when it could not be started. */
+  readonly status: Promise<ExitStatus>;
+  /** Send it `signal` (nothing happens once it has ended). */
+  kill(signal: SignalName): void;
+}
+
 /**
  * Everything the server and the plugins need from the runtime.
  */
@@ -151,8 +162,8 @@ export interface Runtime {
   /** Standard input and output as one connection (for `-s`). */
   stdio(): Connection;
 
-  /** Run `command` with `/bin/sh -c`; resolves to its exit status (128+N when killed by signal N). */
-  spawnShell(command: string, options?: SpawnOptions): Promise<number>;
+  /** Start `command` with `/bin/sh -c`, in the server's process group (Ctrl-C reaches both). */
+  spawnShell(command: string, options?: SpawnOptions): ShellChild;
   /**
    * Start this same program again, detached (its own session, stdin from
    * /dev/null), with `args`, and resolve once it has written one line on its

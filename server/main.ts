@@ -8,16 +8,21 @@ import { BUILTIN_PLUGINS } from "../plugins/builtin.ts";
 import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
 import { runtime } from "../runtime/mod.ts";
+import type { ShellChild } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 import { type CliArgs, parseCli, UsageError } from "./cli_args.ts";
 import { logConfig } from "./log.ts";
 import { type Server, startServer } from "./serve.ts";
 import { loadTls, type TlsConfig, tlsLevel } from "./tls.ts";
 import { uriOf } from "./uri.ts";
+import { osMessage } from "./os_message.ts";
 import { setStdioSafe } from "../plugins/stdio.ts";
 
 /** Set in the environment of the background child, which then reports readiness on stdout. */
 const DAEMON_ENV = "NBDKIT_TS_DAEMON";
+
+/** A stop that a signal asked for and that takes longer than this says what it waits for. */
+const NOTICE_MS = 2000;
 
 /** Usage text of `--help`. */
 export const USAGE = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-e EXPORTNAME]
@@ -373,14 +378,17 @@ export async function main(argv: string[]): Promise<number> {
   // As nbdkit: nbds:// only when TLS is required (with --tls=on a client may use either).
   if (tls?.required) uri = uri.replace(/^nbd(\+unix)?:/, "nbds$1:");
   let stopping: Promise<void> | null = null;
+  let stopped = false;
   const stop = () => {
     stopping ??= (async () => {
       await server.close();
       if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
       if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
+      stopped = true;
     })();
     return stopping;
   };
+  let captive: ShellChild | null = null; // the --run command, while it runs
   for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     runtime.onSignal(signal, () => {
       // A second signal while a graceful stop waits (say, for a streaming
@@ -389,11 +397,34 @@ export async function main(argv: string[]): Promise<number> {
         say(`${signal} again: exiting without waiting`);
         runtime.exit(1);
       }
+      stop();
+      // Say why the process is still there when the stop takes a while.
+      setTimeout(() => {
+        if (stopped && !captive) return;
+        const what = captive ? "the --run command to exit" : "the requests in flight to finish";
+        say(`${signal}: waiting for ${what}; ${signal} again exits at once`);
+      }, NOTICE_MS);
+      if (captive) {
+        // The command's status is the exit status (the --run branch
+        // returns it): pass the signal on (Ctrl-C has already reached it,
+        // kill(1) only us), then wait for the command, as nbdkit does.
+        captive.kill(signal);
+        return;
+      }
       stop().then(() => runtime.exit(0));
     });
   }
 
-  if (args.pidfile) await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);
+  if (args.pidfile) {
+    try {
+      await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);
+    } catch (err) {
+      say(`error: ${args.pidfile}: ${osMessage(err)}`);
+      args.pidfile = undefined; // not ours to remove
+      await stop();
+      return 1;
+    }
+  }
   if (runtime.env(DAEMON_ENV) === "1") {
     runtime.writeStdout(`ready ${args.printUri ? uri : ""}\n`);
   } else if (args.printUri) {
@@ -422,12 +453,16 @@ export async function main(argv: string[]): Promise<number> {
     };
     let status: number;
     try {
-      status = await runtime.spawnShell(args.run, { env });
+      captive = runtime.spawnShell(args.run, { env });
+      const ended = await captive.status;
+      if (ended.signal !== null) say(`external command was killed by signal ${ended.signal}`);
+      status = ended.signal !== null ? 128 + ended.signal : ended.code;
     } catch (err) {
       say(`error: --run: ${messageOf(err)}`);
       status = 1;
+    } finally {
+      captive = null;
     }
-    if (status > 128) say(`external command was killed by signal ${status - 128}`);
     await stop();
     return status;
   }

@@ -18,6 +18,7 @@ import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";
 import { pluginProvider } from "./backend.ts";
 import { Logger } from "./log.ts";
+import { osMessage } from "./os_message.ts";
 import { Mutex } from "./mutex.ts";
 import { type TlsConfig, tlsUpgrade } from "./tls.ts";
 
@@ -87,6 +88,31 @@ export interface Server {
    * get ESHUTDOWN, connections close, then the plugin is unloaded.
    */
   close(): Promise<void>;
+}
+
+/**
+ * Whether a transport error only says that the client went away (a reset,
+ * or a write after it closed): news for `-v`, not an error of the server.
+ */
+function peerHungUp(err: unknown): boolean {
+  const { code, name } = (err ?? {}) as { code?: unknown; name?: unknown };
+  return code === "EPIPE" || code === "ECONNRESET" || name === "BrokenPipe" ||
+    name === "ConnectionReset" || /\(os error (32|104)\)/.test(messageOf(err));
+}
+
+/** A listener, or an error that says where it could not listen ("cannot listen on …: why"). */
+async function listening(
+  what: string,
+  prefix: string,
+  listen: () => Promise<Listener>,
+): Promise<Listener> {
+  try {
+    return await listen(); // a throw or a rejection, depending on the runtime
+  } catch (err) {
+    let why = osMessage(err);
+    if (why.startsWith(`${prefix}: `)) why = why.slice(prefix.length + 2);
+    throw new Error(`cannot listen on ${what}: ${why}`);
+  }
 }
 
 /** The default NBD port (IANA's), where a server listens without `port` or `unixSocket`. */
@@ -233,6 +259,7 @@ export async function startServer<H>(
       });
     } catch (err) {
       if (err instanceof EndOfStream) clog.debug(`client closed the connection: ${err.message}`);
+      else if (peerHungUp(err)) clog.debug(`client closed the connection: ${messageOf(err)}`);
       else if (hungUp) clog.debug(`connection closed by the server: ${messageOf(err)}`);
       else if (err instanceof ProtocolError) clog.error(err.message);
       else clog.error(messageOf(err));
@@ -275,9 +302,16 @@ export async function startServer<H>(
   if (options.stdio) {
     accept(runtime.stdio());
   } else if (options.unixSocket !== undefined) {
-    listener = await runtime.listenUnix(options.unixSocket, accept);
+    const path = options.unixSocket;
+    listener = await listening(`Unix socket ${path}`, path, () => runtime.listenUnix(path, accept));
   } else {
-    listener = await runtime.listenTcp(options.hostname, options.port ?? NBD_DEFAULT_PORT, accept);
+    const port = options.port ?? NBD_DEFAULT_PORT;
+    const where = `${options.hostname ?? "*"}:${port}`;
+    listener = await listening(
+      where,
+      where,
+      () => runtime.listenTcp(options.hostname, port, accept),
+    );
   }
 
   let closing: Promise<void> | null = null;

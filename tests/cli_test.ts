@@ -3,7 +3,7 @@
  */
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync } from "./helpers.ts";
 
@@ -166,6 +166,72 @@ except nbd.Error:
       );
       assert.match(r.stdout, /^waiting\nstatus=1$/m, r.stderr);
       assert.match(r.stderr, /SIGTERM again: exiting without waiting/);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("--run: a signal reaches the command, whose status is the exit status", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const started = join(dir, "started");
+      const waitStarted = `for i in $(seq 200); do [ -e ${started} ] && break; sleep 0.05; done`;
+      // Ctrl-C: SIGINT to the whole process group, server and command alike.
+      const ctrlC = await shAsync(
+        `setsid sh -c "${ourShell()} -U - memory size=1M --run 'touch ${started}; sleep 30'; ` +
+          `echo status=\\$?" & leader=$!
+         ${waitStarted}
+         /bin/kill -s INT -- -$leader; wait $leader`,
+      );
+      assert.match(ctrlC.stdout, /^status=130$/m, ctrlC.stderr);
+      assert.match(ctrlC.stderr, /^nbdkit-ts: external command was killed by signal 2$/m);
+      rmSync(started);
+      // kill(1) of the server alone: the command is ended too, not orphaned.
+      const term = await shAsync(
+        `${ourShell()} -U - memory size=1M --run 'echo $$ > ${started}; exec sleep 30' & pid=$!
+         ${waitStarted}
+         sleep 0.1; kill -TERM $pid; wait $pid; echo status=$?
+         sleep 0.2; kill -0 $(cat ${started}) 2>/dev/null || echo gone`,
+      );
+      assert.match(term.stdout, /^status=143\ngone$/m, term.stderr);
+      // An exit status over 128 is a status, not a signal.
+      const code = await captive(["memory", "size=1M"], "exit 200");
+      assert.equal(code.status, 200);
+      assert.equal(code.stderr, "");
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("a pid file that cannot be written: one line, exit status 1", async () => {
+    const r = await captive(["-P", "/nonexistent/dir/x.pid", "memory", "size=1M"], "echo ran");
+    assert.equal(r.status, 1);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr, "nbdkit-ts: error: /nonexistent/dir/x.pid: No such file or directory\n");
+  });
+
+  test("listen errors name the socket or address", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const sock = join(dir, "sock");
+      await failsWith(
+        ["-f", "-U", join(dir, "no", "sock"), "null", "size=512"],
+        /cannot listen on Unix socket .*\/no\/sock: No such file or directory$/m,
+      );
+      // A socket somebody listens on is theirs (it is not taken over as stale).
+      const r = await shAsync(
+        `${ourShell()} -f -U ${sock} null size=512 & pid=$!
+         for i in $(seq 100); do [ -S ${sock} ] && break; sleep 0.1; done
+         ${ourShell()} -f -U ${sock} null size=512; echo status=$?
+         nbdinfo --size 'nbd+unix:///?socket=${sock}'
+         kill $pid; wait $pid`,
+      );
+      assert.match(r.stdout, /^status=1\n512$/m, r.stderr);
+      assert.match(
+        r.stderr,
+        /^nbdkit-ts: error: cannot listen on Unix socket \S+: Address already in use$/m,
+      );
+      assert.doesNotMatch(r.stderr, /null\[\d+\]: error/); // the probe of the socket is no error
     } finally {
       cleanup();
     }

@@ -400,16 +400,20 @@ test("openWriteStream truncates or creates a file; openReadStream reads it", asy
   }
 });
 
-test("spawnShell: exit status, signals, environment", async () => {
-  assert.equal(await runtime.spawnShell("exit 3"), 3);
-  assert.equal(await runtime.spawnShell("kill -TERM $$"), 143);
-  assert.equal(await runtime.spawnShell("exit 0", { stdin: "null", stdout: "stderr" }), 0);
-  assert.equal(
-    await runtime.spawnShell('test "$NBDKIT_TS_TEST_VAR" = "a b" && test -n "$PATH"', {
-      env: { NBDKIT_TS_TEST_VAR: "a b" },
-    }),
-    0,
-  );
+test("spawnShell: exit status, signals, kill, environment", async () => {
+  assert.deepEqual(await runtime.spawnShell("exit 3").status, { code: 3, signal: null });
+  assert.deepEqual(await runtime.spawnShell("exit 200").status, { code: 200, signal: null });
+  assert.deepEqual(await runtime.spawnShell("kill -TERM $$").status, { code: null, signal: 15 });
+  const sleeper = runtime.spawnShell("exec sleep 30");
+  sleeper.kill("SIGINT");
+  assert.deepEqual(await sleeper.status, { code: null, signal: 2 });
+  sleeper.kill("SIGTERM"); // ended: nothing happens
+  const quiet = runtime.spawnShell("exit 0", { stdin: "null", stdout: "stderr" });
+  assert.deepEqual(await quiet.status, { code: 0, signal: null });
+  const env = runtime.spawnShell('test "$NBDKIT_TS_TEST_VAR" = "a b" && test -n "$PATH"', {
+    env: { NBDKIT_TS_TEST_VAR: "a b" },
+  });
+  assert.deepEqual(await env.status, { code: 0, signal: null });
 });
 
 test("stat kinds", async () => {
