@@ -1,42 +1,167 @@
 /**
- * `file FILE` (or `file=FILE`): serve a file or block device.
+ * `file FILE` (or `file=FILE`): serve a file or block device, as nbdkit's
+ * file plugin does.
+ *
+ * Parameters:
+ * - `[file=]FILENAME` (required): the file or block device.
+ * - `cache=default|none`: with `none`, what was read is dropped from the
+ *   page cache at once, and what was written eight writes later, once it is
+ *   written back (`posix_fadvise(POSIX_FADV_DONTNEED)` drops clean pages
+ *   only), so that a one-off copy does not evict everything else.
+ * - `fadvise=normal|random|sequential`: the access pattern hint given to the
+ *   kernel at open (read-ahead: normal, none, or doubled).
  *
  * The file is opened once per connection, read-write unless the server is
- * read-only. Its size is read at each connection, so a file that grew is
- * seen at the next connection.
+ * read-only; one that may only be read (EACCES, EPERM, EROFS) is served
+ * read-only rather than refused. Its size is read at each connection, so a
+ * file that grew is seen at the next connection.
+ *
+ * TRIM punches holes, WRITE_ZEROES punches a hole (when the client allows
+ * trimming) or zeroes the range with `fallocate`, and extents come from
+ * `SEEK_DATA`/`SEEK_HOLE`, so sparse files stay sparse. These need libc
+ * through the runtime's FFI (Deno with `--allow-ffi`, Bun, Node with koffi);
+ * without it TRIM is not offered, zeroes are written as data, everything is
+ * reported as data, and `cache=` and `fadvise=` do nothing.
  *
  * @module
  */
-import { NbdError } from "./errors.ts";
-import type { Plugin } from "./plugin.ts";
+import { type Errno, NbdError } from "./errors.ts";
+import { EXTENT_HOLE, EXTENT_ZERO, type Plugin } from "./plugin.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { RandomAccessFile } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 
+type CacheMode = "default" | "none";
+type Fadvise = "normal" | "random" | "sequential";
+
+/** With `cache=none`, a write's pages are dropped this many writes later, once written back. */
+const EVICT_WINDOWS = 8;
+
 interface Handle {
   file: RandomAccessFile;
   size: number;
+  writable: boolean;
+  extents: boolean;
+  // Each fallocate mode is tried until the file system first says it cannot
+  // (EOPNOTSUPP), as in nbdkit: a refusal is not worth asking again.
+  canPunchHole: boolean;
+  canZeroRange: boolean;
+  canAllocate: boolean;
+  // cache=none: the ranges of the last writes, oldest first.
+  written: [offset: number, count: number][];
+}
+
+/** Why opening read-write fails for a file that can still be read. */
+const READ_ONLY_CAUSES = new Set(["EACCES", "EPERM", "EROFS"]);
+
+/** NBD's errno for an errno name from the runtime (EIO for the rest). */
+const NBD_ERRNO: Record<string, Errno> = {
+  EPERM: "EPERM",
+  EACCES: "EPERM",
+  EROFS: "EPERM",
+  EIO: "EIO",
+  ENOMEM: "ENOMEM",
+  EINVAL: "EINVAL",
+  ENOSPC: "ENOSPC",
+  EDQUOT: "ENOSPC",
+  EFBIG: "ENOSPC",
+  EOVERFLOW: "EOVERFLOW",
+  EOPNOTSUPP: "ENOTSUP",
+  ENOTSUP: "ENOTSUP",
+};
+
+function codeOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+/** A runtime error as the NBD error the client gets, its message kept for the log. */
+function nbdError(err: unknown, context?: string): NbdError {
+  if (err instanceof NbdError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const errno = NBD_ERRNO[codeOf(err) ?? ""] ?? "EIO";
+  return new NbdError(errno, context ? `${context}: ${message}` : message, { cause: err });
 }
 
 /**
  * Create a file plugin.
  *
  * @returns A fresh, unconfigured plugin.
+ *
+ * @example Configured as `nbdkit-ts file disk.img fadvise=sequential cache=none` would be
+ * ```ts
+ * import { createFilePlugin } from "./file.ts";
+ * const plugin = createFilePlugin();
+ * await plugin.config!("file", "disk.img");
+ * await plugin.config!("fadvise", "sequential");
+ * await plugin.config!("cache", "none");
+ * ```
  */
 export function createFilePlugin(): Plugin<Handle> {
   let path: string | undefined;
+  let cache: CacheMode = "default";
+  let fadvise: Fadvise = "normal";
+
+  async function sync(h: Handle): Promise<void> {
+    try {
+      await h.file.sync();
+    } catch (err) {
+      throw nbdError(err, "fdatasync");
+    }
+  }
+
+  /** Try one fallocate mode: false when the file system cannot (and never will). */
+  async function fallocate(
+    h: Handle,
+    mode: "punch-hole" | "zero-range" | "allocate",
+    count: number,
+    offset: number,
+  ): Promise<boolean> {
+    try {
+      await h.file.fallocate!(mode, offset, count);
+      return true;
+    } catch (err) {
+      const code = codeOf(err);
+      if (code !== "EOPNOTSUPP" && code !== "ENOTSUP") throw nbdError(err, "zero");
+      return false;
+    }
+  }
+
+  /** cache=none: drop a write's pages from the page cache, without waiting for them. */
+  async function evict(h: Handle, count: number, offset: number): Promise<void> {
+    if (!h.file.advise) return;
+    // DONTNEED starts writeback of dirty pages but drops only clean ones: the
+    // range is asked again a few writes later, when it has been written.
+    h.written.push([offset, count]);
+    const old = h.written.length > EVICT_WINDOWS ? h.written.shift() : undefined;
+    await h.file.advise(offset, count, "dontneed").catch(() => {});
+    if (old) await h.file.advise(old[0], old[1], "dontneed").catch(() => {});
+  }
+
   return {
     name: "file",
     longname: "nbdkit-ts file plugin",
     version: VERSION,
     magicConfigKey: "file",
-    configHelp: "[file=]<FILENAME>  (required) The filename to serve.",
+    configHelp: "[file=]<FILENAME>     (required) The filename to serve.\n" +
+      "cache=<MODE>          Set use of caching (default, none).\n" +
+      "fadvise=<LEVEL>       Set fadvise hint (normal, random, sequential).",
     threadModel: "parallel",
     preadFillsBuffer: true,
 
     config(key, value) {
-      if (key !== "file") throw new Error(`unknown parameter '${key}'`);
-      path = runtime.resolvePath(value);
+      if (key === "file") path = runtime.resolvePath(value);
+      else if (key === "cache") {
+        if (value !== "default" && value !== "none") {
+          throw new Error(`unknown cache mode: ${value}`);
+        }
+        cache = value;
+      } else if (key === "fadvise") {
+        if (value !== "normal" && value !== "random" && value !== "sequential") {
+          throw new Error(`unknown fadvise mode: ${value}`);
+        }
+        fadvise = value;
+      } else throw new Error(`unknown parameter '${key}'`);
     },
 
     async configComplete() {
@@ -49,13 +174,38 @@ export function createFilePlugin(): Plugin<Handle> {
     },
 
     async open({ readonly }) {
+      let writable = !readonly;
       let file: RandomAccessFile;
       try {
-        file = await runtime.openFile(path!, { write: !readonly });
+        file = await runtime.openFile(path!, { write: writable }).catch((err) => {
+          // As nbdkit: a file we may read but not write is served read-only.
+          if (!writable || !READ_ONLY_CAUSES.has(codeOf(err) ?? "")) throw err;
+          writable = false;
+          return runtime.openFile(path!, { write: false });
+        });
       } catch (err) {
-        throw new NbdError("EIO", `open: ${path}: ${(err as Error).message}`);
+        throw nbdError(err, `open: ${path}`);
       }
-      return { file, size: await file.size() };
+      try {
+        if (fadvise !== "normal") await file.advise?.(0, 0, fadvise).catch(() => {});
+        // A file system without SEEK_HOLE (say so by failing) gets no extents.
+        const extents = file.seek !== undefined &&
+          await file.seek(0, "hole").then(() => true, () => false);
+        const punch = file.fallocate !== undefined;
+        return {
+          file,
+          size: await file.size(),
+          writable,
+          extents,
+          canPunchHole: punch,
+          canZeroRange: punch,
+          canAllocate: punch,
+          written: [],
+        };
+      } catch (err) {
+        await file.close();
+        throw nbdError(err, `open: ${path}`);
+      }
     },
 
     async close(h) {
@@ -63,20 +213,98 @@ export function createFilePlugin(): Plugin<Handle> {
     },
 
     getSize: (h) => h.size,
+    canWrite: (h) => h.writable,
     canMultiConn: () => true,
-    canCache: () => "emulate",
+    // Trim is advisory: offered only where holes can (probably) be punched.
+    canTrim: (h) => h.file.fallocate !== undefined,
+    canFua: () => "native",
+    // nbdkit does not promise fast zeroes either: zero may end up writing them.
+    canFastZero: () => false,
+    canCache: (h) => h.file.advise ? "native" : "emulate",
+    canExtents: (h) => h.extents,
 
     async pread(h, buf, offset) {
-      await h.file.pread(buf, offset);
+      try {
+        await h.file.pread(buf, offset);
+      } catch (err) {
+        throw nbdError(err, "pread");
+      }
+      if (cache === "none") await h.file.advise?.(offset, buf.length, "dontneed").catch(() => {});
     },
+
     async pwrite(h, buf, offset, { fua }) {
-      await h.file.pwrite(buf, offset);
-      if (fua) await h.file.sync();
+      try {
+        await h.file.pwrite(buf, offset);
+      } catch (err) {
+        throw nbdError(err, "pwrite");
+      }
+      if (fua) await sync(h);
+      if (cache === "none") await evict(h, buf.length, offset);
     },
-    async flush(h) {
-      await h.file.sync();
+
+    flush: sync,
+
+    async trim(h, count, offset, { fua }) {
+      if (h.canPunchHole) {
+        try {
+          await h.file.fallocate!("punch-hole", offset, count);
+        } catch (err) {
+          // Trim is advisory: only failures that may have lost data are errors.
+          const code = codeOf(err);
+          if (code === "EPERM" || code === "EIO") throw nbdError(err, "trim");
+          if (code === "EOPNOTSUPP" || code === "ENOTSUP") h.canPunchHole = false;
+        }
+      }
+      if (fua) await sync(h);
     },
-    canFua: () => "native",
+
+    // nbdkit's order: a hole if the client allows it, else ZERO_RANGE, else a
+    // hole filled again with allocation; ENOTSUP has the server write zeroes.
+    async zero(h, count, offset, { fua, mayTrim }) {
+      let done = false;
+      if (h.canPunchHole && mayTrim) {
+        done = await fallocate(h, "punch-hole", count, offset);
+        h.canPunchHole = done;
+      }
+      if (!done && h.canZeroRange) {
+        done = await fallocate(h, "zero-range", count, offset);
+        h.canZeroRange = done;
+      }
+      if (!done && h.canPunchHole && h.canAllocate) {
+        h.canPunchHole = await fallocate(h, "punch-hole", count, offset);
+        if (h.canPunchHole) done = h.canAllocate = await fallocate(h, "allocate", count, offset);
+      }
+      if (!done) throw new NbdError("ENOTSUP", "zero: the file system cannot zero without writing");
+      if (fua) await sync(h);
+    },
+
+    async extents(h, count, offset, { reqOne }, sink) {
+      const end = offset + count;
+      try {
+        while (offset < end) {
+          // A hole up to the next data (all the rest when no data follows).
+          const data = Math.min(await h.file.seek!(offset, "data") ?? end, end);
+          if (data > offset) {
+            sink.add(offset, data - offset, EXTENT_HOLE | EXTENT_ZERO);
+            if (reqOne) return;
+          }
+          offset = data;
+          if (offset >= end) return;
+          const hole = Math.min(await h.file.seek!(offset, "hole") ?? end, end);
+          sink.add(offset, hole - offset, 0);
+          if (reqOne) return;
+          offset = hole;
+        }
+      } catch (err) {
+        throw nbdError(err, `extents: ${offset}`);
+      }
+    },
+
+    async cache(h, count, offset) {
+      await h.file.advise!(offset, count, "willneed").catch((err) => {
+        throw nbdError(err, "cache");
+      });
+    },
   };
 }
 

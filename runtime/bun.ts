@@ -11,6 +11,7 @@ import {
   fdReadable,
   fdWritable,
   nodeRuntime,
+  openNodeFile,
   openStream,
   pacedFifoWritable,
   READ_HIGH_WATER_MARK,
@@ -24,6 +25,7 @@ import process from "node:process";
 import { enlargePipeFd, type PipeLibc } from "./pipe_size.ts";
 import { type BunPointer, importBunFfi } from "./libvirt/bun_ffi.ts";
 import { FIONREAD } from "./paced_pipe.ts";
+import { bunFileSyscalls } from "./node_file_syscalls.ts";
 
 let bunLibc: Promise<PipeLibc | null> | undefined;
 
@@ -329,6 +331,9 @@ function listener(l: SocketListener, address: Listener["address"]): Listener {
 /** The runtime adapter for Bun. */
 export const bunRuntime: Runtime = {
   ...nodeRuntime,
+
+  // Node's files, with fallocate, SEEK_HOLE and fadvise through bun:ffi (not koffi).
+  openFile: (path, { write }) => openNodeFile(path, write, bunFileSyscalls),
   name: "bun",
   version: Bun.version,
 

@@ -9,11 +9,17 @@
  * failed `pread`/`pwrite` is done again the slow way, which throws Deno's
  * message for it (libc's errno is not visible from here).
  *
+ * The same libc descriptor punches holes, zeroes ranges and finds holes
+ * (`fallocate`, `lseek` with `SEEK_DATA`/`SEEK_HOLE`, `posix_fadvise`), also
+ * on the blocking threads; a call that fails there is made again on this
+ * thread, where its errno can be read. Without FFI the file has none of them.
+ *
  * @module
  */
 import type { RandomAccessFile } from "./types.ts";
 import { type DenoLibc, denoLibc, O_CLOEXEC, O_RDONLY, O_RDWR } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
+import { type FileExtras, fileExtras, type FileSyscalls } from "./file_syscalls.ts";
 
 /**
  * Open `path` for random access.
@@ -30,17 +36,40 @@ export async function openDenoFile(path: string, write: boolean): Promise<Random
   return new DenoFile(file, fd >= 0 ? libc : null, fd);
 }
 
+/** {@linkcode FileSyscalls} through `Deno.dlopen`. */
+function denoFileSyscalls(libc: DenoLibc): FileSyscalls {
+  const errno = () => new Deno.UnsafePointerView(libc.__errno_location()!).getInt32();
+  const n = BigInt;
+  return {
+    async fallocate(fd, mode, offset, length) {
+      if (await libc.fallocate64(fd, mode, n(offset), n(length)) === 0) return 0;
+      return libc.fallocate64_now(fd, mode, n(offset), n(length)) === 0 ? 0 : -errno();
+    },
+    async lseek(fd, offset, whence) {
+      const r = Number(await libc.lseek64(fd, n(offset), whence));
+      if (r >= 0) return r;
+      const again = Number(libc.lseek64_now(fd, n(offset), whence));
+      return again >= 0 ? again : -errno();
+    },
+    fadvise: (fd, offset, length, advice) => libc.posix_fadvise64(fd, n(offset), n(length), advice),
+  };
+}
+
 class DenoFile implements RandomAccessFile {
   #file: Deno.FsFile;
   #libc: DenoLibc | null;
   #fd: number;
   // Seek and read must not interleave between requests on the slow path.
   #lock: Promise<unknown> = Promise.resolve();
+  fallocate?: FileExtras["fallocate"];
+  seek?: FileExtras["seek"];
+  advise?: FileExtras["advise"];
 
   constructor(file: Deno.FsFile, libc: DenoLibc | null, fd: number) {
     this.#file = file;
     this.#libc = libc;
     this.#fd = fd;
+    if (libc) Object.assign(this, fileExtras(denoFileSyscalls(libc), () => this.#fd));
   }
 
   #locked<T>(fn: () => Promise<T>): Promise<T> {
@@ -101,7 +130,10 @@ class DenoFile implements RandomAccessFile {
   }
 
   async size(): Promise<number> {
-    return (await this.#file.stat()).size;
+    const info = await this.#file.stat();
+    if (!info.isBlockDevice) return info.size;
+    // stat says 0 for a block device: its end is where seeking to the end lands.
+    return await this.#locked(() => this.#file.seek(0, Deno.SeekMode.End));
   }
 
   async sync(): Promise<void> {
@@ -113,6 +145,7 @@ class DenoFile implements RandomAccessFile {
     return this.#locked(() => {
       if (this.#libc) this.#libc.close(this.#fd);
       this.#libc = null;
+      this.#fd = -1;
       this.#file.close();
       return Promise.resolve();
     });

@@ -1,7 +1,9 @@
 /**
  * The few libc calls the Deno adapter makes through `Deno.dlopen`: Deno has
- * no `fcntl` (pipe sizes) and no positional file I/O (its files seek, then
- * read, so requests on one file had to take turns).
+ * no `fcntl` (pipe sizes), no positional file I/O (its files seek, then
+ * read, so requests on one file had to take turns), and no `fallocate`,
+ * `SEEK_DATA`/`SEEK_HOLE` or `posix_fadvise` (the file plugin's TRIM, zeroes
+ * and extents).
  *
  * @module
  */
@@ -29,6 +31,15 @@ const SYMBOLS = {
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
   fdatasync: { parameters: ["i32"], result: "i32", nonblocking: true },
+  // The file plugin's hole punching and finding (deno_file.ts). errno belongs
+  // to the thread that made the call, so a call that failed on a blocking
+  // thread is made again here ("_now") to read it.
+  fallocate64: { parameters: ["i32", "i32", "i64", "i64"], result: "i32", nonblocking: true },
+  fallocate64_now: { name: "fallocate64", parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
+  lseek64: { parameters: ["i32", "i64", "i32"], result: "i64", nonblocking: true },
+  lseek64_now: { name: "lseek64", parameters: ["i32", "i64", "i32"], result: "i64" },
+  // Returns the error number itself: no second call needed.
+  posix_fadvise64: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;
 
 /** The calls, as `Deno.dlopen` types them. */

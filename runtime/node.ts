@@ -32,6 +32,15 @@ import type {
 } from "./types.ts";
 import { enlargePipeFd, pipeCapacity, type PipeLibc } from "./pipe_size.ts";
 import { FIONREAD, pacedPipeWritable } from "./paced_pipe.ts";
+import {
+  type FileExtras,
+  fileExtras,
+  type FileSyscalls,
+  SEEK_END,
+  syscallError,
+  sysfsSizePath,
+} from "./file_syscalls.ts";
+import { koffiFileSyscalls } from "./node_file_syscalls.ts";
 
 const encoder = new TextEncoder();
 
@@ -762,12 +771,22 @@ export async function writeStreamFlags(path: string): Promise<number> {
  * A file for random access, on a raw fd rather than a FileHandle: a
  * FileHandle that is garbage-collected unclosed is a fatal error on Bun, and
  * a plugin's error path must not be able to take the server down that way.
+ * With libc's calls (koffi on Node, `bun:ffi` on Bun) it also punches holes,
+ * zeroes ranges, finds holes and passes advice.
  */
 class NodeFile implements RandomAccessFile {
   #fd: number;
+  #calls: FileSyscalls | null;
+  #block: boolean;
+  fallocate?: FileExtras["fallocate"];
+  seek?: FileExtras["seek"];
+  advise?: FileExtras["advise"];
 
-  constructor(fd: number) {
+  constructor(fd: number, calls: FileSyscalls | null, block: boolean) {
     this.#fd = fd;
+    this.#calls = calls;
+    this.#block = block;
+    if (calls) Object.assign(this, fileExtras(calls, () => this.#fd));
   }
 
   // A read or write with a position is pread/pwrite: no shared file offset,
@@ -802,7 +821,16 @@ class NodeFile implements RandomAccessFile {
   }
 
   async size(): Promise<number> {
-    return (await fstatFd(this.#fd)).size;
+    const st = await fstatFd(this.#fd);
+    if (!this.#block) return st.size;
+    // fstat says 0 for a block device: its end is where lseek finds it, or
+    // without FFI what sysfs says, in 512-byte sectors.
+    if (this.#calls) {
+      const end = await this.#calls.lseek(this.#fd, 0, SEEK_END);
+      if (end < 0) throw syscallError("lseek: SEEK_END", -end);
+      return end;
+    }
+    return Number(await fsp.readFile(sysfsSizePath(st.rdev), "utf8")) * 512;
   }
 
   sync(): Promise<void> {
@@ -812,9 +840,37 @@ class NodeFile implements RandomAccessFile {
   }
 
   close(): Promise<void> {
+    const fd = this.#fd;
+    this.#fd = -1;
     return new Promise((resolve, reject) => {
-      fs.close(this.#fd, (err) => err ? reject(err) : resolve());
+      fs.close(fd, (err) => err ? reject(err) : resolve());
     });
+  }
+}
+
+/**
+ * Open `path` for random access on a raw descriptor, with the calls no
+ * runtime exposes made through `syscalls` (the adapter's FFI; none: the file
+ * has no `fallocate`, `seek` or `advise`).
+ *
+ * @param path The file or block device.
+ * @param write Whether writes are allowed.
+ * @param syscalls The adapter's FFI calls, or null.
+ * @returns The file.
+ */
+export async function openNodeFile(
+  path: string,
+  write: boolean,
+  syscalls: () => Promise<FileSyscalls | null>,
+): Promise<RandomAccessFile> {
+  const { O_RDONLY, O_RDWR } = fs.constants;
+  const fd = await openFd(path, write ? O_RDWR : O_RDONLY);
+  try {
+    const block = (await fstatFd(fd)).isBlockDevice();
+    return new NodeFile(fd, await syscalls(), block);
+  } catch (err) {
+    await closeFd(fd);
+    throw err;
   }
 }
 
@@ -1029,10 +1085,7 @@ export const nodeRuntime: Runtime = {
     }
   },
 
-  async openFile(path, { write }) {
-    const { O_RDONLY, O_RDWR } = fs.constants;
-    return new NodeFile(await openFd(path, write ? O_RDWR : O_RDONLY));
-  },
+  openFile: (path, { write }) => openNodeFile(path, write, koffiFileSyscalls),
 
   async mkfifo(path) {
     const child = spawn("mkfifo", ["-m", "600", "--", path], {

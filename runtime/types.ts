@@ -70,18 +70,47 @@ export interface Listener {
   close(): void;
 }
 
-/** A file opened for random access. */
+/**
+ * A file opened for random access.
+ *
+ * Failures, here and in {@linkcode Runtime.openFile}, reject with an `Error`
+ * whose `code` is the errno's name (`"EACCES"`, `"ENOSPC"`, `"EOPNOTSUPP"`)
+ * when the runtime knows it. The last three methods need libc through FFI
+ * (Deno with `--allow-ffi`, Bun, Node with koffi) and are absent without it.
+ */
 export interface RandomAccessFile {
   /** Read exactly `buf.length` bytes at `offset` (zeroes past the end). */
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** Write all of `buf` at `offset`. */
   pwrite(buf: Uint8Array, offset: number): Promise<void>;
-  /** The current size in bytes. */
+  /** The current size in bytes (of a block device too). */
   size(): Promise<number>;
   /** Make written data durable (fdatasync). */
   sync(): Promise<void>;
   /** Close the file. */
   close(): Promise<void>;
+  /**
+   * `fallocate(2)` over `length` bytes at `offset`: `"punch-hole"`
+   * (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`), `"zero-range"`
+   * (`FALLOC_FL_ZERO_RANGE`) or `"allocate"` (mode 0). A file system that
+   * cannot rejects with code `"EOPNOTSUPP"`.
+   */
+  fallocate?(
+    mode: "punch-hole" | "zero-range" | "allocate",
+    offset: number,
+    length: number,
+  ): Promise<void>;
+  /**
+   * `lseek(2)` with `SEEK_DATA` or `SEEK_HOLE`: where the next data or hole
+   * at or after `offset` starts; null when no data follows `offset` (ENXIO).
+   */
+  seek?(offset: number, whence: "data" | "hole"): Promise<number | null>;
+  /** `posix_fadvise(2)` over `length` bytes at `offset` (0: to the end). */
+  advise?(
+    offset: number,
+    length: number,
+    advice: "normal" | "random" | "sequential" | "willneed" | "dontneed",
+  ): Promise<void>;
 }
 
 /** What kind of thing a path names. */

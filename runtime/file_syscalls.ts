@@ -1,0 +1,136 @@
+/**
+ * The file calls that no runtime exposes, shared by the adapters:
+ * `fallocate(2)` (punching holes, zeroing ranges), `lseek(2)` with
+ * `SEEK_DATA`/`SEEK_HOLE` (finding holes) and `posix_fadvise(2)`. Each
+ * adapter reaches libc through its own FFI (`Deno.dlopen`, `bun:ffi`, koffi)
+ * and hands the raw calls to {@linkcode fileExtras}, which turns them into
+ * the optional methods of {@linkcode RandomAccessFile}; errno becomes an
+ * error whose `code` is its name, as Node's `fs` reports errors.
+ *
+ * @module
+ */
+import type { RandomAccessFile } from "./types.ts";
+
+/**
+ * The raw calls, as an adapter's FFI makes them. Each resolves to the call's
+ * result (0, or the offset for `lseek`), or to minus errno when it failed;
+ * `fadvise` is `posix_fadvise`, which returns the error number itself.
+ */
+export interface FileSyscalls {
+  /** `fallocate(fd, mode, offset, length)`. */
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
+  /** `lseek(fd, offset, whence)`. */
+  lseek(fd: number, offset: number, whence: number): Promise<number>;
+  /** `posix_fadvise(fd, offset, length, advice)`. */
+  fadvise(fd: number, offset: number, length: number, advice: number): Promise<number>;
+}
+
+/** `fallocate(2)` modes (Linux). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+/** @see FALLOC_FL_KEEP_SIZE */
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+/** @see FALLOC_FL_KEEP_SIZE */
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** `lseek(2)` whence values (Linux). */
+export const SEEK_END = 2;
+/** @see SEEK_END */
+export const SEEK_DATA = 3;
+/** @see SEEK_END */
+export const SEEK_HOLE = 4;
+
+const MODES = {
+  "punch-hole": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+  "zero-range": FALLOC_FL_ZERO_RANGE,
+  "allocate": 0,
+} as const;
+
+// posix_fadvise's POSIX_FADV_* (Linux).
+const ADVICE = { normal: 0, random: 1, sequential: 2, willneed: 3, dontneed: 4 } as const;
+
+const ENXIO = 6;
+
+// The errno values these calls can return, with glibc's strerror text.
+const ERRNO: Record<number, [string, string]> = {
+  1: ["EPERM", "Operation not permitted"],
+  4: ["EINTR", "Interrupted system call"],
+  5: ["EIO", "Input/output error"],
+  6: ["ENXIO", "No such device or address"],
+  9: ["EBADF", "Bad file descriptor"],
+  12: ["ENOMEM", "Cannot allocate memory"],
+  13: ["EACCES", "Permission denied"],
+  16: ["EBUSY", "Device or resource busy"],
+  19: ["ENODEV", "No such device"],
+  22: ["EINVAL", "Invalid argument"],
+  25: ["ENOTTY", "Inappropriate ioctl for device"],
+  26: ["ETXTBSY", "Text file busy"],
+  27: ["EFBIG", "File too large"],
+  28: ["ENOSPC", "No space left on device"],
+  29: ["ESPIPE", "Illegal seek"],
+  30: ["EROFS", "Read-only file system"],
+  38: ["ENOSYS", "Function not implemented"],
+  75: ["EOVERFLOW", "Value too large for defined data type"],
+  95: ["EOPNOTSUPP", "Operation not supported"],
+  122: ["EDQUOT", "Disk quota exceeded"],
+};
+
+/**
+ * The error of a failed call: its message is `CALL: strerror`, its `code`
+ * the errno's name.
+ *
+ * @param call What failed, for the message.
+ * @param errno The error number.
+ * @returns The error, to throw.
+ */
+export function syscallError(call: string, errno: number): Error & { code: string } {
+  const [code, text] = ERRNO[errno] ?? [`E${errno}`, `errno ${errno}`];
+  return Object.assign(new Error(`${call}: ${text}`), { code });
+}
+
+/** The FFI-only methods of {@linkcode RandomAccessFile}. */
+export type FileExtras = Required<Pick<RandomAccessFile, "fallocate" | "seek" | "advise">>;
+
+/**
+ * The FFI-only methods of a file, made with `calls` on the descriptor that
+ * `fd` returns (read at each call, so that a closed file's methods fail with
+ * EBADF rather than reach a descriptor reused by another file).
+ *
+ * @param calls The adapter's raw calls.
+ * @param fd The file's descriptor, or -1 once it is closed.
+ * @returns The methods.
+ */
+export function fileExtras(calls: FileSyscalls, fd: () => number): FileExtras {
+  return {
+    async fallocate(mode, offset, length) {
+      const r = await calls.fallocate(fd(), MODES[mode], offset, length);
+      if (r < 0) throw syscallError("fallocate", -r);
+    },
+    async seek(offset, whence) {
+      const r = await calls.lseek(fd(), offset, whence === "data" ? SEEK_DATA : SEEK_HOLE);
+      if (r === -ENXIO) return null;
+      if (r < 0) throw syscallError(`lseek: ${whence === "data" ? "SEEK_DATA" : "SEEK_HOLE"}`, -r);
+      return r;
+    },
+    async advise(offset, length, advice) {
+      const r = await calls.fadvise(fd(), offset, length, ADVICE[advice]);
+      if (r !== 0) throw syscallError("posix_fadvise", Math.abs(r));
+    },
+  };
+}
+
+/**
+ * The size of a block device without FFI, from sysfs: fstat says 0 for one,
+ * and only `lseek(SEEK_END)` or an ioctl would say more.
+ *
+ * @param rdev The device number (`st_rdev`).
+ * @returns The path of the file holding its size in 512-byte sectors.
+ */
+export function sysfsSizePath(rdev: number): string {
+  // glibc's major()/minor() split of a 64-bit dev_t, in arithmetic that stays
+  // exact beyond 32 bits.
+  const high = Math.floor(rdev / 2 ** 32);
+  const low = rdev >>> 0;
+  const major = ((low >>> 8) & 0xfff) | ((high & 0xfffff000) >>> 0);
+  const minor = ((low & 0xff) | ((low >>> 12) & 0xfff00) | ((high & 0xfff) << 20)) >>> 0;
+  return `/sys/dev/block/${major}:${minor}/size`;
+}

@@ -1,0 +1,341 @@
+/**
+ * The file plugin beside nbdkit's: read-only fallback for files that may
+ * only be read, TRIM and WRITE_ZEROES as holes and `fallocate`, extents from
+ * `SEEK_DATA`/`SEEK_HOLE`, `cache=` and `fadvise=`, block devices; and the
+ * same plugin without FFI (Deno `--deny-ffi`, Node without koffi), which
+ * must still serve correct bytes. Driven by nbdinfo, nbdsh, nbdcopy and
+ * qemu-img; sizes on disk compared with nbdkit's through `stat`.
+ *
+ * Runs as root (the server is also run as `nobody` with `runuser`; mounts
+ * and loop devices are made for the file systems that refuse things).
+ *
+ * @module
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { chmodSync, cpSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import process from "node:process";
+import {
+  captive,
+  ourCommand,
+  requireTool,
+  ROOT,
+  run,
+  RUNTIME,
+  scratch,
+  sh,
+  shQuote,
+} from "./helpers.ts";
+
+const MiB = 1024 * 1024;
+const ROOT_USER = process.getuid?.() === 0;
+
+function sha256(path: string): string {
+  return createHash("sha256").update(readFileSync(path)).digest("hex");
+}
+
+/** 512-byte blocks allocated to `path`. */
+function blocks(path: string): number {
+  const r = sh(`stat -c %b ${shQuote(path)}`);
+  assert.equal(r.status, 0, r.stderr);
+  return Number(r.stdout);
+}
+
+/** Run a shell script, asserting that it succeeds; its stdout. */
+function ok(script: string): string {
+  const r = sh(script);
+  assert.equal(r.status, 0, `${script}: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** A sparse file of `size` MiB with 1 MiB of random data at each of `at` (MiB offsets). */
+function sparseFile(path: string, size: number, at: number[]): void {
+  ok(`truncate -s ${size}M ${shQuote(path)}`);
+  for (const m of at) {
+    ok(`head -c 1M /dev/urandom | dd of=${shQuote(path)} bs=1M seek=${m} conv=notrunc status=none`);
+  }
+}
+
+/** The capabilities nbdinfo --json reports, with the meta contexts. */
+function flags(json: string): Record<string, unknown> {
+  const exp = JSON.parse(json).exports[0];
+  const out: Record<string, unknown> = { contexts: exp.contexts };
+  for (const [k, v] of Object.entries(exp)) {
+    if (k.startsWith("can_") || k.startsWith("is_") || k === "export-size") out[k] = v;
+  }
+  return out;
+}
+
+/** Run nbdkit's file plugin captive (after `prefix`, e.g. `runuser …`). */
+function nbdkit(args: string[], script: string, prefix = ""): string {
+  return ok(`${prefix} nbdkit -U - file ${args.map(shQuote).join(" ")} --run ${shQuote(script)}`);
+}
+
+/** Run ours captive, asserting success; its stdout. */
+async function ours(args: string[], script: string, argv = ourCommand()): Promise<string> {
+  const [cmd, ...pre] = argv;
+  const r = await run([cmd, ...pre, "-U", "-", "file", ...args, "--run", script]);
+  assert.equal(r.status, 0, r.stderr);
+  return r.stdout;
+}
+
+describe("file plugin", () => {
+  let dir: string;
+  let cleanup: () => void;
+  /** Our command line without FFI, or null where the runtime always has it (Bun). */
+  let noFfi: string[] | null = null;
+
+  before(() => {
+    for (const tool of ["nbdinfo", "nbdsh", "nbdcopy", "qemu-img", "nbdkit"]) requireTool(tool);
+    ({ dir, cleanup } = scratch());
+    // nobody must reach files in here.
+    chmodSync(dir, 0o755);
+    if (RUNTIME === "deno") {
+      noFfi = [process.execPath, "run", "-A", "--deny-ffi", "--no-check", join(ROOT, "cli.ts")];
+    } else if (RUNTIME === "node") {
+      // The build copied where no node_modules (so no koffi) is above it.
+      const copy = join(dir, "no-koffi");
+      cpSync(ROOT, copy, { recursive: true });
+      writeFileSync(join(copy, "package.json"), '{ "type": "module" }\n');
+      noFfi = [process.execPath, join(copy, "cli.js")];
+    }
+  });
+
+  after(() => cleanup());
+
+  test("flags and extents of a sparse file match nbdkit's", async () => {
+    const path = join(dir, "flags.img");
+    sparseFile(path, 16, [3, 9]);
+    const mine = flags(await ours([path], 'nbdinfo --json "$uri"'));
+    assert.deepEqual(mine, flags(nbdkit([path], 'nbdinfo --json "$uri"')));
+    assert.equal(mine.can_fast_zero, false);
+    const ourMap = await ours([path], 'nbdinfo --map "$uri"');
+    assert.equal(ourMap, nbdkit([path], 'nbdinfo --map "$uri"'));
+    assert.match(ourMap, /hole,zero/);
+  });
+
+  test("a mode-444 file served to nobody is read-only, as with nbdkit", {
+    skip: !ROOT_USER,
+  }, async () => {
+    const path = join(dir, "ro.img");
+    sparseFile(path, 8, [1]);
+    chmodSync(path, 0o444);
+    const sum = sha256(path);
+    const script = 'nbdinfo --json "$uri"; nbdcopy "$uri" - | sha256sum';
+    const theirs = nbdkit([path], script, "runuser -u nobody --");
+    const mine = await ours([path], script, ["runuser", "-u", "nobody", "--", ...ourCommand()]);
+    const json = (s: string) => flags(s.slice(0, s.lastIndexOf("}") + 1));
+    assert.deepEqual(json(mine), json(theirs));
+    assert.equal(json(mine).is_read_only, true);
+    assert.ok(mine.includes(sum), mine);
+    // A write is refused with EPERM, the connection carries on.
+    const py = "try:\n  h.pwrite(b'x' * 512, 0)\nexcept nbd.Error as e:\n  print(e.errno)\n" +
+      "print(len(h.pread(512, 0)))";
+    const r = await ours(
+      [path],
+      `nbdsh -u "$uri" -c ${shQuote(py)}`,
+      ["runuser", "-u", "nobody", "--", ...ourCommand()],
+    );
+    assert.equal(r.trim(), "EPERM\n512");
+  });
+
+  test(
+    "an immutable file (EPERM for root) is served read-only",
+    { skip: !ROOT_USER },
+    async () => {
+      const path = join(dir, "immutable.img");
+      sparseFile(path, 4, [0]);
+      ok(`chattr +i ${shQuote(path)}`); // e2fsprogs; the scratch folder is on ext4
+      try {
+        const mine = flags(await ours([path], 'nbdinfo --json "$uri"'));
+        assert.equal(mine.is_read_only, true);
+        assert.deepEqual(mine, flags(nbdkit([path], 'nbdinfo --json "$uri"')));
+      } finally {
+        sh(`chattr -i ${shQuote(path)}`);
+      }
+    },
+  );
+
+  test(
+    "a file on a read-only mount (EROFS) is served read-only",
+    { skip: !ROOT_USER },
+    async () => {
+      const src = join(dir, "rw");
+      const mnt = join(dir, "romnt");
+      ok(`mkdir -p ${src} ${mnt}`);
+      sparseFile(join(src, "disk.img"), 4, [1]);
+      const mounted = sh(`mount --bind ${src} ${mnt} && mount -o remount,bind,ro ${mnt}`);
+      if (mounted.status !== 0) sh(`umount ${mnt}`);
+      assert.equal(mounted.status, 0, `a read-only bind mount: ${mounted.stderr}`);
+      try {
+        const path = join(mnt, "disk.img");
+        const out = await ours([path], 'nbdinfo --json "$uri"; nbdcopy "$uri" - | sha256sum');
+        assert.equal(flags(out.slice(0, out.lastIndexOf("}") + 1)).is_read_only, true);
+        assert.ok(out.includes(sha256(path)));
+      } finally {
+        sh(`umount ${mnt}`);
+      }
+    },
+  );
+
+  test("nbdcopy out of a sparse file skips its holes: the copy is as sparse as nbdkit's", async () => {
+    const path = join(dir, "sparse64.img");
+    sparseFile(path, 64, [0, 20, 63]);
+    const mine = join(dir, "copy-ours.img");
+    const theirs = join(dir, "copy-theirs.img");
+    await ours([path], `nbdcopy "$uri" ${shQuote(mine)}`);
+    nbdkit([path], `nbdcopy "$uri" ${shQuote(theirs)}`);
+    assert.equal(sha256(mine), sha256(path));
+    assert.equal(blocks(mine), blocks(theirs));
+    assert.ok(blocks(mine) * 512 <= 4 * MiB, `copy has ${blocks(mine)} blocks`);
+  });
+
+  test("nbdcopy and qemu-img into a full file punch its holes, as nbdkit does", async () => {
+    const source = join(dir, "source.img");
+    sparseFile(source, 32, [2, 30]);
+    const sum = sha256(source);
+    for (const copy of ['nbdcopy SRC "$uri"', 'qemu-img convert -n -f raw SRC -O raw "$nbd"']) {
+      const script = copy.replace("SRC", shQuote(source));
+      const mine = join(dir, "target-ours.img");
+      const theirs = join(dir, "target-theirs.img");
+      ok(`head -c 32M /dev/urandom > ${mine} && cp ${mine} ${theirs}`);
+      await ours([mine], script);
+      nbdkit([theirs], script);
+      assert.equal(sha256(mine), sum, copy);
+      assert.equal(blocks(mine), blocks(theirs), copy);
+      assert.ok(blocks(mine) * 512 <= 4 * MiB, `${copy}: ${blocks(mine)} blocks`);
+    }
+  });
+
+  test("TRIM punches a hole; zeroes punch one or stay allocated (NO_HOLE)", async () => {
+    const path = join(dir, "trim.img");
+    ok(`head -c 8M /dev/urandom > ${path}`);
+    const py = [
+      "h.trim(2 * 1048576, 0)",
+      "h.zero(2 * 1048576, 2 * 1048576)",
+      "h.zero(2 * 1048576, 4 * 1048576, nbd.CMD_FLAG_NO_HOLE)",
+      "h.flush()",
+      "assert h.pread(6 * 1048576, 0) == bytes(6 * 1048576)",
+    ].join("\n");
+    await ours([path], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+    // 2 MiB of data left, and the 2 MiB zeroed with NO_HOLE still allocated.
+    assert.equal(blocks(path) * 512, 4 * MiB);
+    const map = await ours([path], 'nbdinfo --map "$uri"');
+    assert.match(map, /^\s+0\s+4194304\s+3\s+hole,zero$/m);
+  });
+
+  test("zeroes on file systems that refuse fallocate modes", { skip: !ROOT_USER }, async () => {
+    // tmpfs has no ZERO_RANGE (a hole is punched and allocated again); ext2
+    // files have no ZERO_RANGE nor allocation (zeroes are written).
+    const mnt = join(dir, "mnt");
+    ok(`mkdir -p ${mnt}`);
+    const ext2 = join(dir, "ext2.img");
+    ok(`truncate -s 64M ${ext2} && mkfs.ext2 -q -F ${ext2}`);
+    for (
+      const mount of [`mount -t tmpfs -o size=32M tmpfs ${mnt}`, `mount -o loop ${ext2} ${mnt}`]
+    ) {
+      ok(mount);
+      try {
+        const path = join(mnt, "disk.img");
+        ok(`head -c 4M /dev/urandom > ${path}`);
+        const py = "h.zero(1048576, 1048576, nbd.CMD_FLAG_NO_HOLE)\n" +
+          "h.zero(1048576, 2097152)\nh.trim(1048576, 0)\n" +
+          "assert h.pread(3 * 1048576, 0) == bytes(3 * 1048576)";
+        await ours([path], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+        assert.ok(sh(`cmp -n 3145728 ${path} /dev/zero`).status === 0, mount);
+      } finally {
+        sh(`umount ${mnt}`);
+      }
+    }
+  });
+
+  test("fallocate's ENOSPC reaches the client as ENOSPC", { skip: !ROOT_USER }, async () => {
+    const mnt = join(dir, "tiny");
+    ok(`mkdir -p ${mnt}`);
+    ok(`mount -t tmpfs -o size=1M tmpfs ${mnt}`);
+    try {
+      const path = join(mnt, "disk.img");
+      ok(`truncate -s 8M ${path}`);
+      const py = "try:\n  h.zero(4 * 1048576, 0, nbd.CMD_FLAG_NO_HOLE)\n" +
+        "except nbd.Error as e:\n  print(e.errno)";
+      const theirs = nbdkit([path], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+      const mine = await ours([path], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+      assert.equal(mine.trim(), "ENOSPC");
+      assert.equal(mine, theirs);
+    } finally {
+      sh(`umount ${mnt}`);
+    }
+  });
+
+  test("a loop block device: size, bytes, flags and trim as nbdkit", {
+    skip: !ROOT_USER,
+  }, async () => {
+    const backing = join(dir, "loop.img");
+    ok(`head -c 16M /dev/urandom > ${backing}`);
+    const dev = ok(`losetup -f --show ${backing}`).trim();
+    try {
+      const out = join(dir, "loop-out.img");
+      const script = `nbdinfo --json "$uri"; nbdcopy "$uri" ${shQuote(out)}`;
+      const mine = flags(await ours([dev], script));
+      assert.equal(mine["export-size"], 16 * MiB);
+      assert.equal(sha256(out), sha256(backing));
+      assert.deepEqual(mine, flags(nbdkit([dev], 'nbdinfo --json "$uri"')));
+      await ours([dev], `nbdsh -u "$uri" -c 'h.trim(1048576, 0); h.zero(1048576, 1048576)'`);
+      assert.equal(sh(`cmp -n 2097152 ${dev} /dev/zero`).status, 0);
+    } finally {
+      sh(`losetup -d ${dev}`);
+    }
+  });
+
+  test("cache= and fadvise= are accepted; unknown values stop the server as nbdkit", async () => {
+    const path = join(dir, "cache.img");
+    ok(`head -c 8M /dev/urandom > ${path}`);
+    const copy = join(dir, "cache-out.img");
+    for (
+      const args of [["cache=none", "fadvise=sequential"], ["cache=default", "fadvise=random"]]
+    ) {
+      await ours([path, ...args], `nbdcopy "$uri" ${shQuote(copy)} && nbdcopy ${copy} "$uri"`);
+      assert.equal(sha256(copy), sha256(path));
+    }
+    // cache=none drops what was read from the page cache (which cat filled;
+    // written back first, since dirty pages cannot be dropped).
+    ok(`sync ${path} && cat ${path} > /dev/null`);
+    await ours([path, "cache=none"], `nbdcopy "$uri" - > /dev/null`);
+    const resident = Number(ok(`fincore -b -n -o RES ${path}`));
+    assert.ok(resident < 2 * MiB, `${resident} bytes still in the page cache`);
+    const refused = [["cache=foo", "unknown cache mode: foo"], [
+      "fadvise=bar",
+      "unknown fadvise mode: bar",
+    ]];
+    for (const [arg, message] of refused) {
+      const r = await captive(["file", path, arg], "true");
+      assert.equal(r.status, 1);
+      assert.equal(r.stderr.trim(), `nbdkit-ts: error: ${message}`);
+      const theirs = sh(`nbdkit -U - file ${path} ${arg} --run true`);
+      assert.equal(theirs.stderr.trim(), `nbdkit: error: ${message}`);
+    }
+  });
+
+  test("without FFI: no TRIM, zeroes written, all data, same bytes", async (t) => {
+    if (noFfi === null) {
+      t.skip(`${RUNTIME} always has FFI`);
+      return;
+    }
+    const path = join(dir, "noffi.img");
+    sparseFile(path, 16, [4]);
+    const json = flags(await ours([path], 'nbdinfo --json "$uri"', noFfi));
+    assert.equal(json.can_trim, false);
+    assert.equal(json.can_zero, true);
+    assert.equal(json.can_fast_zero, false);
+    const map = await ours([path], 'nbdinfo --map "$uri"', noFfi);
+    assert.match(map, /^\s+0\s+16777216\s+0\s+data$/m);
+    const source = join(dir, "noffi-src.img");
+    sparseFile(source, 16, [1]);
+    await ours([path, "cache=none", "fadvise=random"], `nbdcopy ${source} "$uri"`, noFfi);
+    assert.equal(sha256(path), sha256(source));
+    // Zeroes were written as data: the file is fully allocated, unlike with FFI.
+    assert.ok(blocks(path) * 512 >= 15 * MiB, `${blocks(path)} blocks`);
+  });
+});
