@@ -22,6 +22,7 @@ import {
   NBD_CMD_WRITE_ZEROES,
   NBD_EINVAL,
   NBD_ENOMEM,
+  NBD_ENOSPC,
   NBD_EOVERFLOW,
   NBD_EPERM,
   NBD_ESHUTDOWN,
@@ -239,6 +240,11 @@ function validate(
     default:
       return bad(NBD_EINVAL, "unknown command");
   }
+  // First, as nbdkit: a write to a read-only export is EPERM whatever its flags say.
+  const writes = type === NBD_CMD_WRITE || type === NBD_CMD_TRIM || type === NBD_CMD_WRITE_ZEROES;
+  if (writes && (eflags & NBD_FLAG_READ_ONLY)) {
+    return bad(NBD_EPERM, "write request on a read-only export");
+  }
   if ((flags & ~KNOWN_FLAGS) !== 0) return bad(NBD_EINVAL, `unknown flags 0x${flags.toString(16)}`);
   if ((flags & NBD_CMD_FLAG_FUA) && !(eflags & NBD_FLAG_SEND_FUA)) {
     return bad(NBD_EINVAL, "FUA flag not advertised");
@@ -260,10 +266,6 @@ function validate(
   }
   if ((flags & NBD_CMD_FLAG_REQ_ONE) && type !== NBD_CMD_BLOCK_STATUS) {
     return bad(NBD_EINVAL, "REQ_ONE flag on a command other than BLOCK_STATUS");
-  }
-  const writes = type === NBD_CMD_WRITE || type === NBD_CMD_TRIM || type === NBD_CMD_WRITE_ZEROES;
-  if (writes && (eflags & NBD_FLAG_READ_ONLY)) {
-    return bad(NBD_EPERM, "write request on a read-only export");
   }
   if (type === NBD_CMD_FLUSH && !(eflags & NBD_FLAG_SEND_FLUSH)) {
     return bad(NBD_EINVAL, "flush not supported");
@@ -291,16 +293,20 @@ function validate(
   }
   if (count === 0) return bad(NBD_EINVAL, "count is zero");
   if (hasRange(type)) {
+    // The spec's SHOULD (and nbdkit): writing past the end is "no space".
+    const beyond = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES
+      ? NBD_ENOSPC
+      : NBD_EINVAL;
     const offset = offHi * TWO32 + offLo;
     if (offset + count > MAX_SAFE) {
       const end = ((BigInt(offHi) << 32n) | BigInt(offLo)) + BigInt(count);
       if (end > s.size) {
-        return bad(NBD_EINVAL, `offset ${end - BigInt(count)} + count ${count} > size ${s.size}`);
+        return bad(beyond, `offset ${end - BigInt(count)} + count ${count} > size ${s.size}`);
       }
       return bad(NBD_EOVERFLOW, `offset ${end - BigInt(count)} is beyond what this server handles`);
     }
     if (BigInt(offset + count) > s.size) {
-      return bad(NBD_EINVAL, `offset ${offset} + count ${count} > size ${s.size}`);
+      return bad(beyond, `offset ${offset} + count ${count} > size ${s.size}`);
     }
   }
   return null;

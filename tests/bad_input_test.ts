@@ -11,6 +11,7 @@ import { CMD, concat, OPT, RawClient, u16, u32 } from "./raw_client.ts";
 const EPERM = 1;
 const ENOMEM = 12;
 const EINVAL = 22;
+const ENOSPC = 28;
 const SIZE = 8 * 1024 * 1024;
 
 /** A real client writes random bytes at a fresh offset and reads them back. */
@@ -114,14 +115,14 @@ describe("bad input", () => {
     control(server);
   });
 
-  test("READ and WRITE past the end get EINVAL and the connection stays", async () => {
+  test("READ past the end gets EINVAL, WRITE ENOSPC (as nbdkit), and the connection stays", async () => {
     const c = await RawClient.connect(server.socket);
     const { size } = await c.go();
     assert.equal(size, BigInt(SIZE));
     c.request(CMD.READ, BigInt(SIZE - 256), 512, { cookie: 1n });
     assert.equal((await c.simpleReply())?.error, EINVAL);
     c.request(CMD.WRITE, BigInt(SIZE), 4, { cookie: 2n, payload: new Uint8Array(4) });
-    assert.equal((await c.simpleReply())?.error, EINVAL);
+    assert.equal((await c.simpleReply())?.error, ENOSPC);
     c.request(CMD.READ, 0xffffffffffff0000n, 512, { cookie: 3n });
     assert.equal((await c.simpleReply())?.error, EINVAL);
     c.request(CMD.READ, 0n, 512, { cookie: 4n });
@@ -163,6 +164,9 @@ describe("bad input", () => {
     assert.equal(r?.error, EPERM);
     assert.equal(r?.cookie, 9n);
     c.request(CMD.ZERO, 0n, 4, { cookie: 10n });
+    assert.equal((await c.simpleReply())?.error, EPERM);
+    // Read-only comes first, as with nbdkit: FUA (not advertised here) does not make it EINVAL.
+    c.request(CMD.WRITE, 0n, 4, { cookie: 11n, flags: 1, payload: new Uint8Array(4) });
     assert.equal((await c.simpleReply())?.error, EPERM);
     c.destroy();
     const read = nbdsh(ro.uri, "print(h.pread(4, 0) == bytes(4))");
