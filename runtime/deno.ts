@@ -247,6 +247,13 @@ export const denoRuntime: Runtime = {
     return { address: { transport: "unix", path }, close: () => listener.close() };
   },
 
+  async listenFd(fd, onConnection) {
+    // Deno.listen cannot adopt a descriptor; Deno's node:net can, and the Node
+    // adapter's sockets are connections already. Loaded only when needed.
+    const { nodeRuntime } = await import("./node.ts");
+    return await nodeRuntime.listenFd(fd, onConnection);
+  },
+
   async connectUnix(path) {
     return wrapConn(await Deno.connect({ transport: "unix", path }));
   },

@@ -10,12 +10,17 @@ import * as fsp from "node:fs/promises";
 import { spawn } from "node:child_process";
 import { Duplex, type Readable, type Writable } from "node:stream";
 import * as tls from "node:tls";
+import * as tty from "node:tty";
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import * as os from "node:os";
 import * as nodeModule from "node:module";
 import { dirname, join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
-import process from "node:process";
+// Not `import process from "node:process"`: Node builds that module by
+// reading every property of `process`, stdout's getter among them, which
+// makes a piped stdout nonblocking for every process that shares the pipe
+// (`nbdcopy -- [ nbdkit-ts … ] - | sha256sum` failed with EAGAIN).
+const process = globalThis.process;
 import type {
   Connection,
   ExitStatus,
@@ -951,7 +956,8 @@ export const nodeRuntime: Runtime = {
   exit: exitNow,
   writeStderr: (text) => writeAllSync(2, text),
   writeStdout: (text) => writeAllSync(1, text),
-  stderrIsTerminal: () => process.stderr.isTTY === true,
+  // Not process.stderr.isTTY: creating process.stderr makes a piped stderr nonblocking.
+  stderrIsTerminal: () => tty.isatty(2),
   onSignal(signal: SignalName, handler: () => void) {
     process.on(signal, handler);
   },
@@ -984,6 +990,14 @@ export const nodeRuntime: Runtime = {
       throw err;
     }
     return { address: { transport: "unix", path }, close: () => server.close() };
+  },
+
+  async listenFd(fd, onConnection): Promise<Listener> {
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (sock) => {
+      onConnection(socketConnection(sock));
+    });
+    await listenOn(server, (done) => server.listen({ fd }, done));
+    return { address: { transport: "inherited", fd }, close: () => server.close() };
   },
 
   connectUnix(path): Promise<Connection> {

@@ -17,7 +17,11 @@
 import * as nodeModule from "node:module";
 import { readFile } from "node:fs/promises";
 import { pathToFileURL } from "node:url";
-import process from "node:process";
+// Not `import process from "node:process"`: Node builds that module by
+// reading every property of `process`, stdout's getter among them, which
+// makes a piped stdout nonblocking for every process that shares the pipe
+// (`nbdcopy -- [ nbdkit-ts … ] - | sha256sum` failed with EAGAIN).
+const process = globalThis.process;
 
 interface ResolveResult {
   url: string;

@@ -60,7 +60,9 @@ export interface TlsServerOptions {
 /** Where a listener listens. */
 export type ListenAddress =
   | { transport: "tcp"; hostname: string; port: number }
-  | { transport: "unix"; path: string };
+  | { transport: "unix"; path: string }
+  /** A listening socket the server was given (systemd socket activation). */
+  | { transport: "inherited"; fd: number };
 
 /** A listening socket. */
 export interface Listener {
@@ -186,6 +188,11 @@ export interface Runtime {
    * socket somebody listens on is refused with "PATH: Address already in use".
    */
   listenUnix(path: string, onConnection: (conn: Connection) => void): Promise<Listener>;
+  /**
+   * Accept connections on a socket that is already listening, open as
+   * descriptor `fd` (socket activation: systemd, `nbdinfo -- [ … ]`).
+   */
+  listenFd(fd: number, onConnection: (conn: Connection) => void): Promise<Listener>;
   /** Connect to a Unix socket. */
   connectUnix(path: string): Promise<Connection>;
   /** Standard input and output as one connection (for `-s`). */

@@ -49,6 +49,9 @@ export class UsageError extends Error {
   }
 }
 
+/** Requests in flight per connection without `-t` (or with `-t 0`). */
+const DEFAULT_THREADS = 16;
+
 type Spec = { name: keyof CliArgs | "ignore" | "newstyle"; arg: boolean };
 
 const LONG: Record<string, Spec> = {
@@ -117,6 +120,10 @@ const UNSUPPORTED: Record<string, string> = {
   group: "changing group is not supported; use your service manager",
   g: "changing group is not supported; use your service manager",
   swap: "--swap is not supported",
+  "4": "not supported; the server listens on IPv4 (0.0.0.0) unless -i says otherwise",
+  "ipv4-only": "not supported; the server listens on IPv4 (0.0.0.0) unless -i says otherwise",
+  "6": "not supported; give an IPv6 address with -i (-i :: for all of them)",
+  "ipv6-only": "not supported; give an IPv6 address with -i (-i :: for all of them)",
   "selinux-label": "--selinux-label is not supported",
 };
 
@@ -131,10 +138,12 @@ function apply(args: CliArgs, option: string, spec: Spec, value: string | undefi
   const v = value ?? "";
   switch (spec.name) {
     case "port":
-      args.port = integer(option, v, 0, 65535);
+      // nbdkit takes service names too; "nbd" is the one that matters (/etc/services).
+      args.port = v === "nbd" ? 10809 : integer(option, v, 0, 65535);
       return;
     case "threads":
-      args.threads = integer(option, v, 1, 1024);
+      // 0, as with nbdkit: the default.
+      args.threads = integer(option, v, 0, 1024) || DEFAULT_THREADS;
       return;
     case "timeout":
       args.timeout = integer(option, v, 0, 86400);
@@ -189,7 +198,7 @@ export function parseCli(argv: string[]): CliArgs {
     exportName: "",
     single: false,
     exitWithParent: false,
-    threads: 16,
+    threads: DEFAULT_THREADS,
     noSr: false,
     noMc: false,
     tls: "off",

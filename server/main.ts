@@ -11,10 +11,11 @@ import { runtime } from "../runtime/mod.ts";
 import type { ShellChild } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 import { type CliArgs, parseCli, UsageError } from "./cli_args.ts";
-import { logConfig } from "./log.ts";
+import { logConfig, Logger } from "./log.ts";
 import { type Server, startServer } from "./serve.ts";
 import { loadTls, type TlsConfig, tlsLevel } from "./tls.ts";
 import { uriOf } from "./uri.ts";
+import { type Activation, socketActivation } from "./socket_activation.ts";
 import { osMessage } from "./os_message.ts";
 import { setStdioSafe } from "../plugins/stdio.ts";
 
@@ -24,8 +25,8 @@ const DAEMON_ENV = "NBDKIT_TS_DAEMON";
 /** A stop that a signal asked for and that takes longer than this says what it waits for. */
 const NOTICE_MS = 2000;
 
-/** Usage text of `--help`. */
-export const USAGE = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-e EXPORTNAME]
+/** How to call it: the start of `--help`, and all of `PLUGIN --help` before the plugin's part. */
+const SYNOPSIS = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-e EXPORTNAME]
           [-s] [--run 'COMMAND ARGS ...'] [-P PIDFILE] [--exit-with-parent]
           [-t THREADS] [--no-sr] [--no-mc] [--mask-handshake=MASK]
           [--print-uri] [-v] [--log=stderr|null] [--timeout=SECS]
@@ -38,7 +39,10 @@ nbdkit-ts PLUGIN --dump-plugin
 nbdkit-ts PLUGIN --help
 nbdkit-ts --help
 nbdkit-ts -V|--version
+`;
 
+/** Usage text of `--help`. */
+export const USAGE = `${SYNOPSIS}
 An NBD server with nbdkit's command line, written in TypeScript.
 
 PLUGIN is a built-in plugin (${Object.keys(BUILTIN_PLUGINS).join(", ")})
@@ -74,6 +78,10 @@ Options:
                           (Node and Bun).
   --dump-config           Print the server's configuration and exit.
   -V, --version           Print the version and exit.
+
+Socket activation: with LISTEN_PID (this process) and LISTEN_FDS set, as
+systemd and 'nbdinfo -- [ nbdkit-ts ... ]' do, the server serves the
+listening sockets it is given (implies -f; -s, -U, -p, -i and --run refused).
 `;
 
 function say(line: string): void {
@@ -274,7 +282,10 @@ export async function main(argv: string[]): Promise<number> {
   let args: CliArgs;
   try {
     args = parseCli(argv);
-    checkCombinations(args);
+    // Options that only print something ignore the ones that serve, as nbdkit's do.
+    if (!args.version && !args.help && !args.dumpConfig && !args.dumpPlugin) {
+      checkCombinations(args);
+    }
   } catch (err) {
     say(messageOf(err));
     return 1;
@@ -282,8 +293,9 @@ export async function main(argv: string[]): Promise<number> {
   logConfig.verbose = args.verbose;
   logConfig.target = args.log;
 
-  if (args.version) {
-    runtime.writeStdout(`nbdkit-ts ${VERSION} (${runtime.name} ${runtime.version})\n`);
+  const versionLine = `nbdkit-ts ${VERSION} (${runtime.name} ${runtime.version})\n`;
+  if (args.version && args.plugin === undefined) {
+    runtime.writeStdout(versionLine);
     return 0;
   }
   if (args.dumpConfig) {
@@ -309,10 +321,17 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
   if (args.help) {
+    // As nbdkit: how to call the server, then the plugin and its parameters.
+    const where = BUILTIN_PLUGINS[args.plugin] ? "built-in" : runtime.resolvePath(args.plugin);
     runtime.writeStdout(
-      `${plugin.name}${plugin.longname ? ` (${plugin.longname})` : ""}\n` +
-        `${plugin.configHelp ?? "This plugin takes no parameters."}\n`,
+      `${SYNOPSIS}\nplugin: ${plugin.name}${plugin.longname ? ` (${plugin.longname})` : ""}\n` +
+        `(${where})\n${plugin.configHelp ?? "This plugin takes no parameters."}\n`,
     );
+    return 0;
+  }
+  if (args.version) {
+    // As nbdkit: the server's version, then the plugin's.
+    runtime.writeStdout(`${versionLine}${plugin.name} ${plugin.version ?? ""}\n`);
     return 0;
   }
   if (args.dumpPlugin) {
@@ -341,8 +360,40 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
+  let activation: Activation;
+  try {
+    activation = socketActivation(
+      runtime.env("LISTEN_PID"),
+      runtime.env("LISTEN_FDS"),
+      runtime.pid,
+    );
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
+  if (activation.kind === "not-ours") {
+    new Logger("nbdkit-ts").debug(
+      `LISTEN_PID=${activation.pid} is not ours: socket activation ignored`,
+    );
+  }
+  const listenFds = activation.kind === "fds" ? activation.fds : undefined;
+  if (listenFds) {
+    const given = [
+      ["-s", args.single],
+      ["-U", args.unixSocket !== undefined],
+      ["-p", args.port !== undefined],
+      ["-i", args.ipaddr !== undefined],
+      ["--run", args.run !== undefined],
+    ].filter(([, on]) => on).map(([name]) => name);
+    if (given.length > 0) {
+      say(`error: cannot use socket activation with ${given.join(" or ")}`);
+      return 1;
+    }
+  }
+
+  // Socket activation implies -f, as with nbdkit: the parent waits on this process.
   const background = !args.foreground && args.run === undefined && !args.single &&
-    !args.exitWithParent && runtime.env(DAEMON_ENV) !== "1";
+    !args.exitWithParent && !listenFds && runtime.env(DAEMON_ENV) !== "1";
   if (background) return await daemonize(argv);
 
   let privateDir: string | undefined;
@@ -359,6 +410,7 @@ export async function main(argv: string[]): Promise<number> {
       port: args.port,
       hostname: args.ipaddr,
       stdio: args.single,
+      listenFds,
       readonly: args.readonly,
       exportName: args.exportName,
       threads: args.threads,

@@ -42,6 +42,11 @@ export interface ServeOptions {
   hostname?: string;
   /** Serve exactly one connection on stdin/stdout (`-s`). */
   stdio?: boolean;
+  /**
+   * Accept on these listening sockets, inherited as open descriptors
+   * (socket activation), instead of opening one.
+   */
+  listenFds?: number[];
   /** `-r`: read-only for every client. */
   readonly?: boolean;
   /** `-e`: the default export's name. */
@@ -110,7 +115,7 @@ async function listening(
     return await listen(); // a throw or a rejection, depending on the runtime
   } catch (err) {
     let why = osMessage(err);
-    if (why.startsWith(`${prefix}: `)) why = why.slice(prefix.length + 2);
+    if (prefix && why.startsWith(`${prefix}: `)) why = why.slice(prefix.length + 2);
     throw new Error(`cannot listen on ${what}: ${why}`);
   }
 }
@@ -174,7 +179,7 @@ export async function startServer<H>(
   const active = new Set<Entry>();
   let shuttingDown = false;
   let counter = 0;
-  let listener: Listener | null = null;
+  const listeners: Listener[] = [];
   let resolveFinished!: () => void;
   const finished = new Promise<void>((r) => resolveFinished = r);
 
@@ -301,16 +306,24 @@ export async function startServer<H>(
 
   if (options.stdio) {
     accept(runtime.stdio());
+  } else if (options.listenFds !== undefined) {
+    for (const fd of options.listenFds) {
+      const what = `the inherited socket ${fd}`;
+      listeners.push(await listening(what, "", () => runtime.listenFd(fd, accept)));
+    }
   } else if (options.unixSocket !== undefined) {
     const path = options.unixSocket;
-    listener = await listening(`Unix socket ${path}`, path, () => runtime.listenUnix(path, accept));
+    const unix = await listening(
+      `Unix socket ${path}`,
+      path,
+      () => runtime.listenUnix(path, accept),
+    );
+    listeners.push(unix);
   } else {
     const port = options.port ?? NBD_DEFAULT_PORT;
     const where = `${options.hostname ?? "*"}:${port}`;
-    listener = await listening(
-      where,
-      where,
-      () => runtime.listenTcp(options.hostname, port, accept),
+    listeners.push(
+      await listening(where, where, () => runtime.listenTcp(options.hostname, port, accept)),
     );
   }
 
@@ -319,7 +332,7 @@ export async function startServer<H>(
     closing ??= (async () => {
       shuttingDown = true;
       for (const e of active) e.stopping.abort();
-      listener?.close();
+      for (const l of listeners) l.close();
       // Connections still in the handshake are closed; those in transmission
       // finish what is in flight and answer later requests with ESHUTDOWN.
       await Promise.all([...active].map((e) => e.stop()));
@@ -341,7 +354,7 @@ export async function startServer<H>(
 
   return {
     get address() {
-      return listener?.address ?? null;
+      return listeners[0]?.address ?? null;
     },
     get connections() {
       return active.size;

@@ -27,6 +27,7 @@ describe("command line", () => {
     await failsWith(["-p", "http", "null"], /-p: 'http' is not a number/);
     await failsWith(["--filter=cow", "null"], /filters are not supported/);
     await failsWith([], /no plugin given/);
+    await failsWith(["-4", "null"], /^nbdkit-ts: -4: not supported; the server listens on IPv4/);
   });
 
   test("--help, -V, --dump-config, PLUGIN --help, PLUGIN --dump-plugin", async () => {
@@ -38,7 +39,15 @@ describe("command line", () => {
     const config = await nbdkitTs(["--dump-config"]);
     assert.match(config.stdout, /^plugins=.*memory/m);
     const phelp = await nbdkitTs(["memory", "--help"]);
+    // As nbdkit: the synopsis, then the plugin and its parameters.
+    assert.match(phelp.stdout, /^nbdkit-ts \[-U SOCKET\|-\]/);
+    assert.match(phelp.stdout, /^plugin: memory /m);
     assert.match(phelp.stdout, /size=<SIZE>/);
+    const pversion = await nbdkitTs(["memory", "--version"]);
+    assert.match(pversion.stdout, /^nbdkit-ts \d+\.\d+\.\d+ \(.*\)\nmemory \d+\.\d+\.\d+\n$/);
+    // Options that only print something take the serving ones without complaint.
+    const ignored = await nbdkitTs(["-U", "-", "memory", "--dump-plugin"]);
+    assert.equal(ignored.status, 0, ignored.stderr);
     const dump = await nbdkitTs(["memory", "--dump-plugin"]);
     assert.match(dump.stdout, /^name=memory$/m);
     assert.match(dump.stdout, /^has_pwrite=1$/m);
@@ -133,6 +142,8 @@ describe("command line", () => {
       'nbdcopy --requests=16 /dev/urandom "$uri" 2>/dev/null; nbdinfo --size "$uri"',
     );
     assert.equal(t1.stdout.trim().split("\n").pop(), "4194304");
+    const t0 = await captive(["-t", "0", "null", "size=512"], 'nbdinfo --size "$uri"'); // 0: default
+    assert.equal(t0.stdout, "512\n", t0.stderr);
   });
 
   test("-v prints debug lines; --log=null prints nothing", async () => {
