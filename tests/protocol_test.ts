@@ -55,7 +55,8 @@ describe("parseCli", () => {
     assert.throws(() => parseCli(["--nope"]), UsageError);
     assert.throws(() => parseCli(["-p"]), /requires an argument/);
     assert.throws(() => parseCli(["--tls=maybe"]), /off, on or require/);
-    assert.throws(() => parseCli(["-t", "0"]), /out of range/);
+    assert.throws(() => parseCli(["-t", "1025"]), /out of range/);
+    assert.equal(parseCli(["-t", "0"]).threads, 16); // nbdkit's -t 0: the default
   });
 });
 
