@@ -441,14 +441,22 @@ export async function main(argv: string[]): Promise<number> {
     return stopping;
   };
   let captive: ShellChild | null = null; // the --run command, while it runs
+  // Once the --run command has ended, its status is the exit status and the
+  // --run branch below stops the server and returns it.
+  let runEnded = false;
+  let signalled = false;
   for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     runtime.onSignal(signal, () => {
       // A second signal while a graceful stop waits (say, for a streaming
-      // reader that never comes) means: stop now.
-      if (stopping) {
+      // reader that never comes) means: stop now. Counting signals rather
+      // than looking at whether a stop began matters: Ctrl-C reaches the
+      // --run command too, and its end may be seen before our own handler
+      // runs, which then is the first signal, not a second one.
+      if (signalled) {
         say(`${signal} again: exiting without waiting`);
         runtime.exit(1);
       }
+      signalled = true;
       stop();
       // Say why the process is still there when the stop takes a while.
       setTimeout(() => {
@@ -463,6 +471,7 @@ export async function main(argv: string[]): Promise<number> {
         captive.kill(signal);
         return;
       }
+      if (runEnded) return;
       stop().then(() => runtime.exit(0));
     });
   }
@@ -514,6 +523,7 @@ export async function main(argv: string[]): Promise<number> {
       status = 1;
     } finally {
       captive = null;
+      runEnded = true;
     }
     await stop();
     return status;

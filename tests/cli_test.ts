@@ -214,6 +214,32 @@ except nbd.Error:
     }
   });
 
+  test("--run: a signal handled after the command ended keeps the command's status", async () => {
+    // Ctrl-C reaches the command and the server together, and the server may
+    // see the command's end first. Here the signal comes later on purpose,
+    // while the stop waits for a streaming reader: it is a first signal, not a
+    // second one, and the status stays the command's.
+    const { dir, cleanup } = scratch();
+    try {
+      const fifo = join(dir, "out.fifo");
+      const script = join(dir, "run.sh");
+      writeFileSync(
+        script,
+        `nbdsh -u "$uri" -c 'h.pwrite(b"x" * 4096, 0)'
+         server=$PPID; (sleep 0.5; kill -INT $server) & exit 3`,
+      );
+      const r = await shAsync(
+        `${ourShell()} -U - streaming write=${fifo} --run '. ${script}' & pid=$!
+         sleep 1.5; kill -0 $pid && echo waiting
+         timeout 20 cat ${fifo} | wc -c; wait $pid; echo "status=$?"`,
+      );
+      assert.match(r.stdout, /^waiting\n4096\nstatus=3$/m, r.stderr);
+      assert.doesNotMatch(r.stderr, /again/);
+    } finally {
+      cleanup();
+    }
+  });
+
   test("a pid file that cannot be written: one line, exit status 1", async () => {
     const r = await captive(["-P", "/nonexistent/dir/x.pid", "memory", "size=1M"], "echo ran");
     assert.equal(r.status, 1);
