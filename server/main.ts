@@ -210,16 +210,22 @@ function dumpPlugin(plugin: Plugin<unknown>, name: string): string {
 }
 
 function dumpConfig(): string {
+  const [major, minor] = VERSION.split(".");
+  // nbdkit's keys where they apply (scripts read version_major and
+  // exit_with_parent), sorted as nbdkit prints them, and our own.
   return [
     `binary=${runtime.selfCommand().join(" ")}`,
+    `exit_with_parent=yes`,
+    `max_request_size=${64 * 1024 * 1024}`,
     `name=nbdkit-ts`,
-    `version=${VERSION}`,
+    `plugins=${Object.keys(BUILTIN_PLUGINS).join(" ")}`,
+    `root_tls_certificates_dir=/etc/pki/nbdkit`,
     `runtime=${runtime.name}`,
     `runtime_version=${runtime.version}`,
-    `plugins=${Object.keys(BUILTIN_PLUGINS).join(" ")}`,
-    `max_request_size=${64 * 1024 * 1024}`,
-    `root_tls_certificates_dir=/etc/pki/nbdkit`,
     `tls=yes`,
+    `version=${VERSION}`,
+    `version_major=${major}`,
+    `version_minor=${minor}`,
   ].join("\n") + "\n";
 }
 

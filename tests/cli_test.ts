@@ -38,6 +38,9 @@ describe("command line", () => {
     assert.match(version.stdout, /^nbdkit-ts \d+\.\d+\.\d+ \((deno|bun|node) /);
     const config = await nbdkitTs(["--dump-config"]);
     assert.match(config.stdout, /^plugins=.*memory/m);
+    // The keys scripts written for nbdkit look for.
+    assert.match(config.stdout, /^version_major=\d+\nversion_minor=\d+\n$/m);
+    assert.match(config.stdout, /^exit_with_parent=yes$/m);
     const phelp = await nbdkitTs(["memory", "--help"]);
     // As nbdkit: the synopsis, then the plugin and its parameters.
     assert.match(phelp.stdout, /^nbdkit-ts \[-U SOCKET\|-\]/);
