@@ -226,14 +226,16 @@ except nbd.Error:
     try {
       const fifo = join(dir, "out.fifo");
       const script = join(dir, "run.sh");
+      const sent = join(dir, "sent");
       writeFileSync(
         script,
         `nbdsh -u "$uri" -c 'h.pwrite(b"x" * 4096, 0)'
-         server=$PPID; (sleep 0.5; kill -INT $server) & exit 3`,
+         server=$PPID; (sleep 0.5; kill -INT $server; touch ${sent}) & exit 3`,
       );
       const r = await shAsync(
         `${ourShell()} -U - streaming write=${fifo} --run '. ${script}' & pid=$!
-         sleep 1.5; kill -0 $pid && echo waiting
+         for i in $(seq 400); do [ -e ${sent} ] && break; sleep 0.05; done
+         sleep 0.5; kill -0 $pid && echo waiting
          timeout 20 cat ${fifo} | wc -c; wait $pid; echo "status=$?"`,
       );
       assert.match(r.stdout, /^waiting\n4096\nstatus=3$/m, r.stderr);
