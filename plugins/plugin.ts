@@ -401,6 +401,8 @@ export interface Plugin<H = unknown> {
   /**
    * Fill all of `buf` with the bytes at `offset` (the server has checked
    * that the range is within the size). Throw rather than leave it short.
+   * The server owns `buf` again once this settles (read buffers are reused
+   * for later replies): write into it only until then.
    */
   pread(h: H, buf: Uint8Array, offset: number): Awaitable<void>;
   /**
