@@ -460,8 +460,11 @@ export async function transmission(
           const head = structured ? CHUNK_HEADER + 8 : SIMPLE_HEADER;
           // Reusable once send settles: a small reply has been copied into the
           // batch, a large one written (see send).
-          const min = READ_POOL_MIN;
-          const out = takeBuffer(READ_DATA_AT + req.count, !session.readFillsBuffer, min);
+          const out = takeBuffer(
+            READ_DATA_AT + req.count,
+            !session.readFillsBuffer,
+            READ_POOL_MIN,
+          );
           await session.read(out.subarray(READ_DATA_AT), req.offset);
           const reply = out.subarray(READ_DATA_AT - head);
           if (structured) {
@@ -479,7 +482,7 @@ export async function transmission(
             putSimpleHeader(reply, req.cookie, 0);
           }
           await send(reply);
-          giveBuffer(out, min);
+          giveBuffer(out, READ_POOL_MIN);
           return;
         }
         case NBD_CMD_WRITE:

@@ -10,6 +10,7 @@
  * @module
  */
 import type { RandomAccessFile } from "./types.ts";
+import { ERRNO } from "./errno.ts";
 
 /**
  * The raw calls, as an adapter's FFI makes them. Each resolves to the call's
@@ -49,30 +50,6 @@ const MODES = {
 const ADVICE = { normal: 0, random: 1, sequential: 2, willneed: 3, dontneed: 4 } as const;
 
 const ENXIO = 6;
-
-// The errno values these calls can return, with glibc's strerror text.
-const ERRNO: Record<number, [string, string]> = {
-  1: ["EPERM", "Operation not permitted"],
-  4: ["EINTR", "Interrupted system call"],
-  5: ["EIO", "Input/output error"],
-  6: ["ENXIO", "No such device or address"],
-  9: ["EBADF", "Bad file descriptor"],
-  12: ["ENOMEM", "Cannot allocate memory"],
-  13: ["EACCES", "Permission denied"],
-  16: ["EBUSY", "Device or resource busy"],
-  19: ["ENODEV", "No such device"],
-  22: ["EINVAL", "Invalid argument"],
-  25: ["ENOTTY", "Inappropriate ioctl for device"],
-  26: ["ETXTBSY", "Text file busy"],
-  27: ["EFBIG", "File too large"],
-  28: ["ENOSPC", "No space left on device"],
-  29: ["ESPIPE", "Illegal seek"],
-  30: ["EROFS", "Read-only file system"],
-  38: ["ENOSYS", "Function not implemented"],
-  75: ["EOVERFLOW", "Value too large for defined data type"],
-  95: ["EOPNOTSUPP", "Operation not supported"],
-  122: ["EDQUOT", "Disk quota exceeded"],
-};
 
 /**
  * The error of a failed call: its message is `CALL: strerror`, its `code`

@@ -4,6 +4,7 @@
  * @module
  */
 import { messageOf } from "../plugins/errors.ts";
+import { strerror } from "../runtime/errno.ts";
 
 /**
  * The system's own text of an OS error, as C programs print it
@@ -34,22 +35,5 @@ export function osMessage(err: unknown): string {
   if (node) return node[1].charAt(0).toUpperCase() + node[1].slice(1);
   // Bun says "Failed to listen at PATH" and keeps the errno in `code`.
   const code = (err as { code?: unknown } | null)?.code;
-  if (typeof code === "string" && code in STRERROR) return STRERROR[code];
-  return text;
+  return (typeof code === "string" && strerror(code)) || text;
 }
-
-/** `strerror` of the codes a server meets when it listens, opens and connects. */
-const STRERROR: Record<string, string> = {
-  EACCES: "Permission denied",
-  EADDRINUSE: "Address already in use",
-  EADDRNOTAVAIL: "Cannot assign requested address",
-  ECONNREFUSED: "Connection refused",
-  EEXIST: "File exists",
-  EISDIR: "Is a directory",
-  ENAMETOOLONG: "File name too long",
-  ENOENT: "No such file or directory",
-  ENOSPC: "No space left on device",
-  ENOTDIR: "Not a directory",
-  EPERM: "Operation not permitted",
-  EROFS: "Read-only file system",
-};
