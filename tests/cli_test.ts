@@ -5,7 +5,7 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync } from "./helpers.ts";
+import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync, shWaitFor } from "./helpers.ts";
 
 /** Exit status 1 and exactly one line on stderr that contains `pattern`. */
 async function failsWith(args: string[], pattern: RegExp): Promise<void> {
@@ -172,7 +172,7 @@ except nbd.Error:
       const sock = join(dir, "sock");
       const r = await shAsync(
         `${ourShell()} -f -U ${sock} streaming write=${fifo} & pid=$!
-         for i in $(seq 100); do [ -S ${sock} ] && break; sleep 0.1; done
+         ${shWaitFor(`-S ${sock}`)}
          nbdsh -u 'nbd+unix:///?socket=${sock}' -c 'h.pwrite(b"x" * 4096, 0)'
          kill -TERM $pid; sleep 1
          kill -0 $pid && echo waiting
@@ -189,7 +189,7 @@ except nbd.Error:
     const { dir, cleanup } = scratch();
     try {
       const started = join(dir, "started");
-      const waitStarted = `for i in $(seq 200); do [ -e ${started} ] && break; sleep 0.05; done`;
+      const waitStarted = shWaitFor(`-e ${started}`);
       // Ctrl-C: SIGINT to the whole process group, server and command alike.
       const ctrlC = await shAsync(
         `setsid sh -c "${ourShell()} -U - memory size=1M --run 'touch ${started}; sleep 30'; ` +
@@ -234,7 +234,7 @@ except nbd.Error:
       );
       const r = await shAsync(
         `${ourShell()} -U - streaming write=${fifo} --run '. ${script}' & pid=$!
-         for i in $(seq 400); do [ -e ${sent} ] && break; sleep 0.05; done
+         ${shWaitFor(`-e ${sent}`, 20)}
          sleep 0.5; kill -0 $pid && echo waiting
          timeout 20 cat ${fifo} | wc -c; wait $pid; echo "status=$?"`,
       );
@@ -263,7 +263,7 @@ except nbd.Error:
       // A socket somebody listens on is theirs (it is not taken over as stale).
       const r = await shAsync(
         `${ourShell()} -f -U ${sock} null size=512 & pid=$!
-         for i in $(seq 100); do [ -S ${sock} ] && break; sleep 0.1; done
+         ${shWaitFor(`-S ${sock}`)}
          ${ourShell()} -f -U ${sock} null size=512; echo status=$?
          nbdinfo --size 'nbd+unix:///?socket=${sock}'
          kill $pid; wait $pid`,

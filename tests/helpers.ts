@@ -153,6 +153,18 @@ export function sh(script: string, env: Record<string, string> = {}): Result {
   );
 }
 
+/**
+ * A shell loop that waits until `[ TEST ]` holds, for at most `seconds`
+ * (then the script goes on, and its own checks fail).
+ *
+ * @param test A `test(1)` expression, such as `-S /path/to/socket`.
+ * @param seconds How long to wait at most.
+ * @returns The loop, to splice into a script.
+ */
+export function shWaitFor(test: string, seconds = 10): string {
+  return `for i in $(seq ${Math.ceil(seconds / 0.05)}); do [ ${test} ] && break; sleep 0.05; done`;
+}
+
 /** Run a shell script asynchronously. */
 export function shAsync(script: string, env: Record<string, string> = {}): Promise<Result> {
   return run(["/bin/sh", "-c", script], { env });

@@ -17,7 +17,7 @@ import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { CLIENT_ENV, ourCommand, requireTool, run, scratch } from "./helpers.ts";
+import { CLIENT_ENV, ourCommand, requireTool, run, scratch, shWaitFor } from "./helpers.ts";
 
 const MiB = 1024 * 1024;
 /** The client writes 64 chunks of 1 MiB. */
@@ -95,7 +95,7 @@ function output(
   const done = run([
     "/bin/sh",
     "-c",
-    `for i in $(seq 100); do [ -p ${fifo} ] && break; sleep 0.05; done; sleep 1; cat ${fifo} > ${out}`,
+    `${shWaitFor(`-p ${fifo}`, 5)}; sleep 1; cat ${fifo} > ${out}`,
   ], { timeoutMs: 120_000 });
   return Promise.resolve({ out, target: fifo, done });
 }
