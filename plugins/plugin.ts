@@ -310,6 +310,39 @@ export interface ExtentSink {
 export type Awaitable<T> = T | Promise<T>;
 
 /**
+ * Bytes that `pread` lends the server instead of filling its buffer: the
+ * reply is written straight from them, saving a copy. Useful when the data
+ * already sits in memory (a RAM disk, a cache, one large read that answers
+ * several requests).
+ *
+ * The server reads `bytes` until the reply has been handed to the operating
+ * system (or the connection has failed), then calls `release` once. Until
+ * then the plugin must not reuse the memory for other data; a concurrent
+ * write by the client to the same range may show through, which NBD allows
+ * for requests in flight together.
+ *
+ * @example A RAM disk that lends views of itself
+ * ```ts
+ * import { definePlugin } from "./plugin.ts";
+ * const disk = new Uint8Array(1 << 20).fill(7);
+ * const ramdisk = definePlugin({
+ *   name: "ramdisk",
+ *   open: () => disk,
+ *   getSize: (d) => d.length,
+ *   pread: (d, buf, offset) => ({ bytes: d.subarray(offset, offset + buf.length) }),
+ * });
+ * const lent = await ramdisk.pread(disk, new Uint8Array(4), 8);
+ * console.assert(lent !== undefined && lent.bytes[0] === 7);
+ * ```
+ */
+export interface LentBytes {
+  /** Exactly as many bytes as `pread`'s buffer holds; anything else fails the read (EIO). */
+  bytes: Uint8Array;
+  /** Called once, when the server no longer reads `bytes`. */
+  release?(): void;
+}
+
+/**
  * A plugin. `H` is the per-connection handle returned by `open`.
  *
  * @example A 1 MiB read-only disk of 0xAA bytes
@@ -403,8 +436,12 @@ export interface Plugin<H = unknown> {
    * that the range is within the size). Throw rather than leave it short.
    * The server owns `buf` again once this settles (read buffers are reused
    * for later replies): write into it only until then.
+   *
+   * Instead of filling `buf`, it may return bytes it already holds (see
+   * {@linkcode LentBytes}); the server then sends those and leaves `buf`
+   * unread.
    */
-  pread(h: H, buf: Uint8Array, offset: number): Awaitable<void>;
+  pread(h: H, buf: Uint8Array, offset: number): Awaitable<void | LentBytes>;
   /**
    * Write all of `buf` at `offset` (within the size). The server owns `buf`
    * again once this settles: copy what you keep.

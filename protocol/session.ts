@@ -9,7 +9,7 @@
  *
  * @module
  */
-import type { ExportInfo } from "../plugins/plugin.ts";
+import type { ExportInfo, LentBytes } from "../plugins/plugin.ts";
 
 /** Block size constraints sent in `NBD_INFO_BLOCK_SIZE`. */
 export interface BlockSizeInfo {
@@ -48,8 +48,8 @@ export interface ExportSession {
    * only then may it get a reused buffer that was not zeroed first.
    */
   readonly readFillsBuffer?: boolean;
-  /** Fill `buf` from `offset`. */
-  read(buf: Uint8Array, offset: number): Promise<void>;
+  /** Fill `buf` from `offset`, or return bytes lent for the reply instead (released once sent). */
+  read(buf: Uint8Array, offset: number): Promise<void | LentBytes>;
   /** Write `buf` at `offset`. */
   write(buf: Uint8Array, offset: number, fua: boolean): Promise<void>;
   /** Flush. */

@@ -318,6 +318,15 @@ function validate(
   return null;
 }
 
+/** The header of a successful READ reply to `req`, at the start of `out`. */
+function putReadHeader(out: Uint8Array, req: Request, structured: boolean): void {
+  if (!structured) return putSimpleHeader(out, req.cookie, 0);
+  putChunkHeader(out, req.cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + req.count);
+  const view = new DataView(out.buffer, out.byteOffset + CHUNK_HEADER, 8);
+  view.setUint32(0, Math.floor(req.offset / TWO32));
+  view.setUint32(4, req.offset % TWO32);
+}
+
 /**
  * Serve requests until the client disconnects.
  *
@@ -465,22 +474,27 @@ export async function transmission(
             !session.readFillsBuffer,
             READ_POOL_MIN,
           );
-          await session.read(out.subarray(READ_DATA_AT), req.offset);
-          const reply = out.subarray(READ_DATA_AT - head);
-          if (structured) {
-            putChunkHeader(
-              reply,
-              req.cookie,
-              NBD_REPLY_FLAG_DONE,
-              NBD_REPLY_TYPE_OFFSET_DATA,
-              8 + req.count,
-            );
-            const view = new DataView(reply.buffer, reply.byteOffset + CHUNK_HEADER, 8);
-            view.setUint32(0, Math.floor(req.offset / TWO32));
-            view.setUint32(4, req.offset % TWO32);
-          } else {
-            putSimpleHeader(reply, req.cookie, 0);
+          const lent = await session.read(out.subarray(READ_DATA_AT), req.offset);
+          if (lent) {
+            // The plugin's own bytes go out as they are, after a header of their own.
+            giveBuffer(out, READ_POOL_MIN);
+            try {
+              const header = new Uint8Array(head);
+              putReadHeader(header, req, structured);
+              send(header);
+              await send(lent.bytes);
+            } finally {
+              // The reply is out: a failing release must not become a second one.
+              try {
+                lent.release?.();
+              } catch (err) {
+                options.error(`NBD_CMD_READ: releasing the lent bytes: ${messageOf(err)}`);
+              }
+            }
+            return;
           }
+          const reply = out.subarray(READ_DATA_AT - head);
+          putReadHeader(reply, req, structured);
           await send(reply);
           giveBuffer(out, READ_POOL_MIN);
           return;

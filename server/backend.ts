@@ -25,7 +25,7 @@ import type {
   ZeroOptions,
 } from "../protocol/session.ts";
 import { NbdError } from "../plugins/errors.ts";
-import type { ExportInfo, Plugin, SupportMode } from "../plugins/plugin.ts";
+import type { ExportInfo, LentBytes, Plugin, SupportMode } from "../plugins/plugin.ts";
 import { Mutex } from "./mutex.ts";
 
 /** Server-wide settings the backend needs. */
@@ -134,8 +134,25 @@ class PluginSession<H> implements ExportSession {
     return Promise.resolve(fn());
   }
 
-  async read(buf: Uint8Array, offset: number): Promise<void> {
-    await this.#call(() => this.#p.pread(this.#h, buf, offset));
+  async read(buf: Uint8Array, offset: number): Promise<LentBytes | undefined> {
+    const result: unknown = await this.#call(() => this.#p.pread(this.#h, buf, offset));
+    // Only an object with a byte array is a loan: a plugin written as
+    // `(h, buf) => buf.fill(0)` returns its buffer, which is no loan.
+    if (result === null || typeof result !== "object" || !("bytes" in result)) return undefined;
+    const { bytes, release } = result as LentBytes;
+    const loan = {
+      bytes,
+      release: typeof release === "function" ? () => release.call(result) : undefined,
+    };
+    if (!(bytes instanceof Uint8Array)) {
+      loan.release?.();
+      throw new Error("pread lent something that is not a Uint8Array");
+    }
+    if (bytes.length !== buf.length) {
+      loan.release?.();
+      throw new Error(`pread lent ${bytes.length} bytes for a read of ${buf.length}`);
+    }
+    return loan;
   }
 
   async write(buf: Uint8Array, offset: number, fua: boolean): Promise<void> {

@@ -83,16 +83,54 @@ describe("PeekScheduler", () => {
     assert.equal(dom.peeks.length, 4);
   });
 
-  test("at most 4 peeks in flight; waiting adjacent reads are merged", async () => {
+  test("at most 4 peeks in flight; waiting adjacent reads are merged and lent their part", async () => {
     const dom = new FakeDomain();
     const s = new PeekScheduler();
     const size = 256 * 1024;
     const bufs = Array.from({ length: 32 }, () => new Uint8Array(size));
-    await Promise.all(bufs.map((b, i) => s.read(dom, "sda", b, i * size)));
-    bufs.forEach((b, i) => assert.deepEqual(b, expected(i * size, size), `read ${i}`));
+    const results = await Promise.all(bufs.map((b, i) => s.read(dom, "sda", b, i * size)));
+    results.forEach((lent, i) => {
+      // Filled in place, or (merged) lent the bytes, leaving the buffer alone.
+      const got = lent ? lent.bytes : bufs[i];
+      assert.deepEqual(got, expected(i * size, size), `read ${i}`);
+      if (lent) assert.ok(bufs[i].every((b) => b === 0), `read ${i}: its buffer untouched`);
+      lent?.release?.();
+    });
     assert.equal(dom.maxInFlight, 4);
     // 4 started at once, the other 28 merged four by four into 1 MiB peeks.
     assert.equal(dom.peeks.length, 4 + 7);
+    assert.equal(results.filter((r) => r !== undefined).length, 28);
+  });
+
+  test("a merged peek's buffer is reused only once every read released its part", async () => {
+    const dom = new FakeDomain();
+    const s = new PeekScheduler(1024 * 1024, 1); // one peek at a time: the rest wait and merge
+    const size = 256 * 1024;
+    const batch = (first: number) =>
+      Promise.all(
+        Array.from({ length: 5 }, (_, i) =>
+          s.read(dom, "sda", new Uint8Array(size), (first + i) * size)),
+      );
+    const one = await batch(0); // the first alone, then four merged
+    const kept = one.filter((r) => r !== undefined);
+    assert.equal(kept.length, 4);
+    kept.slice(1).forEach((lent) => lent!.release!());
+    kept[1].release!(); // twice: counted once
+    const two = await batch(8); // the first spare is still lent (kept[0]): a new one
+    assert.notEqual(two[1]!.bytes.buffer, kept[0]!.bytes.buffer);
+    assert.deepEqual(
+      kept[0]!.bytes,
+      expected(1 * size, size),
+      "the unreleased part kept its bytes",
+    );
+    kept[0]!.release!();
+    two.forEach((lent) => lent?.release?.());
+    const three = await batch(16); // now a released spare is reused
+    for (const [i, lent] of three.entries()) {
+      if (lent) assert.deepEqual(lent.bytes, expected((16 + i) * size, size));
+    }
+    const reused = [two[1]!.bytes.buffer, kept[0]!.bytes.buffer];
+    assert.ok(reused.includes(three[1]!.bytes.buffer), "a released spare is taken again");
   });
 
   test("a connection refusing large peeks: 64 KiB peeks from then on", async () => {

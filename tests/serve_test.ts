@@ -5,10 +5,12 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { definePlugin, EXTENT_HOLE, EXTENT_ZERO, NbdError, type Plugin, serve } from "../mod.ts";
 import { requireTool, run, scratch } from "./helpers.ts";
+import { randomFillSync } from "node:crypto";
 
 /** nbdsh's Python, run against `uri`; its stdout, trimmed (fails on a non-zero exit). */
 async function nbdsh(uri: string, python: string, options: string[] = []): Promise<string> {
@@ -202,6 +204,67 @@ print(seen)`,
     } finally {
       await server.close();
     }
+  });
+
+  test("pread may lend its own bytes: sent as they are, released once written", async () => {
+    // 8 MiB of random bytes, read back by nbdcopy (256 KiB requests, many in
+    // flight) and by nbdsh (small reads, batched). Each read is lent a copy
+    // from a small pool; a release scribbles over it and hands it back, so a
+    // reply still being written after its release would carry 0xee bytes.
+    const size = 8 << 20;
+    const disk = randomFillSync(new Uint8Array(size));
+    const pool: Uint8Array[] = [];
+    let lent = 0;
+    let released = 0;
+    const plugin = definePlugin({
+      name: "lender",
+      open: () => null,
+      getSize: () => size,
+      pread(_h, buf, offset) {
+        if (offset === size - 4096 && buf.length === 17) return { bytes: new Uint8Array(16) };
+        const loan = pool.pop()?.subarray(0, buf.length);
+        const bytes = loan && loan.buffer.byteLength >= buf.length
+          ? loan
+          : new Uint8Array(Math.max(buf.length, 256 * 1024)).subarray(0, buf.length);
+        bytes.set(disk.subarray(offset, offset + buf.length));
+        lent++;
+        let once = false;
+        return {
+          bytes,
+          release() {
+            assert.equal(once, false, "released twice");
+            once = true;
+            released++;
+            const whole = new Uint8Array(bytes.buffer);
+            whole.fill(0xee);
+            pool.push(whole);
+          },
+        };
+      },
+    });
+    const server = await serve(plugin, { unixSocket: join(dir, "lend.sock") });
+    try {
+      const copy = await run([
+        "/bin/sh",
+        "-c",
+        `nbdcopy '${server.uri}' - | sha256sum`,
+      ]);
+      assert.equal(copy.status, 0, copy.stderr);
+      const want = createHash("sha256").update(disk).digest("hex");
+      assert.equal(copy.stdout.split(" ")[0], want);
+      const out = await nbdsh(
+        server.uri,
+        `import hashlib\n` +
+          `print(hashlib.sha256(b"".join(h.pread(4096, o) for o in range(0, 1 << 20, 4096))).hexdigest())\n` +
+          errnoOf(`h.pread(17, ${size - 4096})`) + `\nprint(len(h.pread(512, 0)))`,
+      );
+      const small = createHash("sha256").update(disk.subarray(0, 1 << 20)).digest("hex");
+      assert.equal(out, `${small}\nEIO\n512`);
+    } finally {
+      await server.close();
+    }
+    assert.ok(lent >= size / (256 * 1024) + 256);
+    assert.equal(released, lent, "every loan released once");
   });
 
   test("a bad parameter rejects serve() and nothing listens", async () => {

@@ -9,12 +9,15 @@
  *   client at a time (`max_client_requests`), so more would only wait there.
  * - Reads that wait their turn are merged with the waiting reads that
  *   continue them on the same disk, up to `peekMax`: a client sending many
- *   256 KiB reads at once is served in 1 MiB peeks.
+ *   256 KiB reads at once is served in 1 MiB peeks. A merged peek lands in a
+ *   buffer of its own, and each read gets its part of it lent (not copied)
+ *   for its reply; the buffer is reused once every part is released.
  * - A connection that refuses a large peek (very old libvirt daemons allow
  *   64 KiB) is retried once in 64 KiB peeks, and kept to them if that works.
  *
  * @module
  */
+import type { LentBytes } from "../plugin.ts";
 import type { LibvirtDomain } from "./bindings.ts";
 
 /** The peek size aimed at. */
@@ -31,7 +34,7 @@ interface Read {
   disk: string;
   offset: number;
   buf: Uint8Array;
-  resolve(): void;
+  resolve(lent?: LentBytes): void;
   reject(err: unknown): void;
   taken: boolean;
 }
@@ -65,20 +68,39 @@ export class PeekScheduler {
    * @param disk The disk's target or source path.
    * @param buf Where the bytes go; untouched by the caller until this settles.
    * @param offset Where to read.
-   * @returns When `buf` is full; rejects with libvirt's error.
+   * @returns Nothing once `buf` is full, or the bytes lent instead when the
+   *   read was merged with others (release them once used); rejects with
+   *   libvirt's error.
    */
-  read(dom: LibvirtDomain, disk: string, buf: Uint8Array, offset: number): Promise<void> {
+  read(
+    dom: LibvirtDomain,
+    disk: string,
+    buf: Uint8Array,
+    offset: number,
+  ): Promise<LentBytes | undefined> {
     const max = this.peekMax;
-    if (buf.length === 0) return Promise.resolve(); // libvirt fails zero-byte peeks
+    if (buf.length === 0) return Promise.resolve(undefined); // libvirt fails zero-byte peeks
     if (buf.length <= max) return this.#enqueue(dom, disk, buf, offset);
     const pieces = [];
     for (let at = 0; at < buf.length; at += max) {
-      pieces.push(this.#enqueue(dom, disk, buf.subarray(at, at + max), offset + at));
+      const piece = buf.subarray(at, at + max);
+      pieces.push(
+        this.#enqueue(dom, disk, piece, offset + at).then((lent) => {
+          if (!lent) return;
+          piece.set(lent.bytes); // a large read is one reply: its pieces are gathered
+          lent.release?.();
+        }),
+      );
     }
-    return Promise.all(pieces).then(() => {});
+    return Promise.all(pieces).then(() => undefined);
   }
 
-  #enqueue(dom: LibvirtDomain, disk: string, buf: Uint8Array, offset: number): Promise<void> {
+  #enqueue(
+    dom: LibvirtDomain,
+    disk: string,
+    buf: Uint8Array,
+    offset: number,
+  ): Promise<LentBytes | undefined> {
     return new Promise((resolve, reject) => {
       const read: Read = { dom, disk, offset, buf, resolve, reject, taken: false };
       if (this.#running < this.#limit) return this.#start([read]);
@@ -126,20 +148,37 @@ export class PeekScheduler {
     const buf = spare ? spare.subarray(0, length) : run[0].buf;
     try {
       await this.#peek(dom, disk, buf, offset);
-      if (run.length > 1) {
-        let at = 0;
-        for (const r of run) {
-          r.buf.set(buf.subarray(at, at + r.buf.length));
-          at += r.buf.length;
-        }
-      }
-      for (const r of run) r.resolve();
+      if (spare) this.#lend(spare, run);
+      else run[0].resolve();
     } catch (err) {
+      if (spare) this.#recycle(spare);
       for (const r of run) r.reject(err);
     } finally {
-      if (spare && this.#spare.length < this.#limit) this.#spare.push(spare);
       this.#running--;
       this.#pump();
+    }
+  }
+
+  /** Lend each read of a merged run its part of `spare`, which is reused once all are released. */
+  #lend(spare: Uint8Array, run: Read[]): void {
+    let unreleased = run.length;
+    let at = 0;
+    for (const r of run) {
+      let released = false;
+      const release = () => {
+        if (released) return;
+        released = true;
+        if (--unreleased === 0) this.#recycle(spare);
+      };
+      r.resolve({ bytes: spare.subarray(at, at + r.buf.length), release });
+      at += r.buf.length;
+    }
+  }
+
+  #recycle(spare: Uint8Array): void {
+    // Replies waiting to be written hold spares too: keep a few more than run at once.
+    if (spare.length === this.peekMax && this.#spare.length < 2 * this.#limit) {
+      this.#spare.push(spare);
     }
   }
 

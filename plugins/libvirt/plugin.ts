@@ -24,7 +24,7 @@
  * @module
  */
 import { NbdError } from "../errors.ts";
-import type { ExportInfo, OpenContext, Plugin } from "../plugin.ts";
+import type { ExportInfo, LentBytes, OpenContext, Plugin } from "../plugin.ts";
 import { loadLibvirt } from "../../runtime/libvirt/mod.ts";
 import { VERSION } from "../../version.ts";
 import {
@@ -209,9 +209,9 @@ export function createLibvirtPlugin(): Plugin<Handle> {
     }
   }
 
-  async function pread(h: Handle, buf: Uint8Array, offset: number): Promise<void> {
+  async function pread(h: Handle, buf: Uint8Array, offset: number): Promise<LentBytes | undefined> {
     try {
-      await h.link.peeks.read(h.dom, h.disk.target, buf, offset);
+      return await h.link.peeks.read(h.dom, h.disk.target, buf, offset);
     } catch (err) {
       throw nbdError(err);
     }
