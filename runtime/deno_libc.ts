@@ -30,6 +30,12 @@ const SYMBOLS = {
   // On Deno's blocking threads: concurrent, and the event loop runs on.
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize", nonblocking: true },
+  // Reads from the page cache, on this thread (RWF_NOWAIT: see CachedReads).
+  preadv2: {
+    parameters: ["i32", "buffer", "i32", "i64", "i32"],
+    result: "isize",
+    optional: true,
+  },
   fdatasync: { parameters: ["i32"], result: "i32", nonblocking: true },
   // The file plugin's hole punching and finding (deno_file.ts). errno belongs
   // to the thread that made the call, so a call that failed on a blocking

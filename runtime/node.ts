@@ -38,6 +38,7 @@ import type {
 import { enlargePipeFd, pipeCapacity, type PipeLibc } from "./pipe_size.ts";
 import { FIONREAD, pacedPipeWritable } from "./paced_pipe.ts";
 import {
+  CachedReads,
   type FileExtras,
   fileExtras,
   type FileSyscalls,
@@ -783,6 +784,7 @@ class NodeFile implements RandomAccessFile {
   #fd: number;
   #calls: FileSyscalls | null;
   #block: boolean;
+  #cached: CachedReads | null = null;
   fallocate?: FileExtras["fallocate"];
   seek?: FileExtras["seek"];
   advise?: FileExtras["advise"];
@@ -792,12 +794,14 @@ class NodeFile implements RandomAccessFile {
     this.#calls = calls;
     this.#block = block;
     if (calls) Object.assign(this, fileExtras(calls, () => this.#fd));
+    if (calls?.preadNowait) this.#cached = new CachedReads(calls.preadNowait);
   }
 
   // A read or write with a position is pread/pwrite: no shared file offset,
-  // so concurrent requests need no lock.
+  // so concurrent requests need no lock. What the page cache holds of a
+  // small read is taken on this thread first (see CachedReads).
   async pread(buf: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
+    let done = this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
     while (done < buf.byteLength) {
       const n = await new Promise<number>((resolve, reject) => {
         fs.read(this.#fd, buf, done, buf.byteLength - done, offset + done, (err, n) => {

@@ -180,6 +180,33 @@ describe("file plugin", () => {
     },
   );
 
+  test("small reads of cached, uncached and half-cached pages return the file's bytes", async () => {
+    // Small reads are first tried from the page cache (RWF_NOWAIT); what is
+    // not cached there is read the usual way. So: a file out of the page
+    // cache but for one 4 KiB page, read in 4 KiB blocks twice (uncached,
+    // then cached) and in 64 KiB starting at that page (its first page only
+    // cached: a short cached read, the rest read after it).
+    const path = join(dir, "cache.img");
+    ok(`head -c 8M /dev/urandom > ${shQuote(path)} && sync ${shQuote(path)}`);
+    ok(
+      `python3 -c 'import os; fd = os.open("${path}", os.O_RDONLY); ` +
+        `os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)'`,
+    );
+    ok(`dd if=${shQuote(path)} bs=4k skip=100 count=1 of=/dev/null status=none`);
+    assert.equal(ok(`fincore -b -n -o RES ${shQuote(path)}`).trim(), "4096");
+    const py = [
+      "import hashlib",
+      "def blocks(): return b''.join(h.pread(4096, o) for o in range(0, 8 << 20, 4096))",
+      "print(hashlib.sha256(h.pread(65536, 100 * 4096)).hexdigest())",
+      "print(hashlib.sha256(blocks()).hexdigest())",
+      "print(hashlib.sha256(blocks()).hexdigest())",
+    ].join("\n");
+    const out = (await ours([path], `nbdsh -u "$uri" -c ${shQuote(py)}`)).trim().split("\n");
+    const bytes = readFileSync(path);
+    const part = createHash("sha256").update(bytes.subarray(100 * 4096, 100 * 4096 + 65536));
+    assert.deepEqual(out, [part.digest("hex"), sha256(path), sha256(path)]);
+  });
+
   test("nbdcopy out of a sparse file skips its holes: the copy is as sparse as nbdkit's", async () => {
     const path = join(dir, "sparse64.img");
     sparseFile(path, 64, [0, 20, 63]);
