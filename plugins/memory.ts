@@ -44,6 +44,15 @@ export class SparseArray {
 
   /** Copy bytes at `offset` into `buf`; missing pages read as zeroes. */
   read(buf: Uint8Array, offset: number): void {
+    const index = Math.floor(offset / PAGE);
+    const within = offset - index * PAGE;
+    if (within + buf.length <= PAGE) {
+      // Within one page (most small requests): no walk.
+      const page = this.#pages.get(index);
+      if (page) buf.set(page.subarray(within, within + buf.length));
+      else buf.fill(0);
+      return;
+    }
     this.#pieces(offset, buf.length, (index, within, done, n) => {
       const page = this.#pages.get(index);
       if (page) buf.set(page.subarray(within, within + n), done);
@@ -53,6 +62,14 @@ export class SparseArray {
 
   /** Copy `buf` to `offset`, allocating pages. */
   write(buf: Uint8Array, offset: number): void {
+    const index = Math.floor(offset / PAGE);
+    const within = offset - index * PAGE;
+    if (within + buf.length <= PAGE) {
+      let page = this.#pages.get(index);
+      if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));
+      page.set(buf, within);
+      return;
+    }
     this.#pieces(offset, buf.length, (index, within, done, n) => {
       let page = this.#pages.get(index);
       if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));

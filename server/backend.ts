@@ -25,7 +25,7 @@ import type {
   ZeroOptions,
 } from "../protocol/session.ts";
 import { NbdError } from "../plugins/errors.ts";
-import type { ExportInfo, LentBytes, Plugin, SupportMode } from "../plugins/plugin.ts";
+import type { ExportInfo, LentBytes, Plugin, SupportMode, WriteFlags } from "../plugins/plugin.ts";
 import { Mutex } from "./mutex.ts";
 
 /** Server-wide settings the backend needs. */
@@ -89,6 +89,10 @@ function flagsOf(c: Caps): number {
   return f;
 }
 
+// The flags of every write: shared, so frozen.
+const WRITE_FUA: WriteFlags = Object.freeze({ fua: true });
+const WRITE_NO_FUA: WriteFlags = Object.freeze({ fua: false });
+
 /** An open plugin handle serving one connection. */
 class PluginSession<H> implements ExportSession {
   readonly name: string;
@@ -135,7 +139,11 @@ class PluginSession<H> implements ExportSession {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<LentBytes | undefined> {
-    const result: unknown = await this.#call(() => this.#p.pread(this.#h, buf, offset));
+    // Reads and writes call the plugin directly when nothing serialises
+    // them: a closure and a promise less per request.
+    const result: unknown = this.#lock
+      ? await this.#lock.run(() => this.#p.pread(this.#h, buf, offset))
+      : await this.#p.pread(this.#h, buf, offset);
     // Only an object with a byte array is a loan: a plugin written as
     // `(h, buf) => buf.fill(0)` returns its buffer, which is no loan.
     if (result === null || typeof result !== "object" || !("bytes" in result)) return undefined;
@@ -157,7 +165,9 @@ class PluginSession<H> implements ExportSession {
 
   async write(buf: Uint8Array, offset: number, fua: boolean): Promise<void> {
     const native = fua && this.#caps.fua === "native";
-    await this.#call(() => this.#p.pwrite!(this.#h, buf, offset, { fua: native }));
+    const flags = native ? WRITE_FUA : WRITE_NO_FUA;
+    if (this.#lock) await this.#lock.run(() => this.#p.pwrite!(this.#h, buf, offset, flags));
+    else await this.#p.pwrite!(this.#h, buf, offset, flags);
     if (fua && !native) await this.flush();
   }
 
