@@ -11,7 +11,8 @@
 # nbdkit's (higher is better for fio, lower for nbdcopy's time).
 #
 # Usage: bench/file.sh [ROUNDS]      (default 3)
-# Environment: RUNTIME=bun use Bun instead of Deno; RUNTIME=node, Node on the
+# Environment: NBDKIT_TS   our command line (default: Deno from node_modules)
+#              RUNTIME=bun use Bun instead of Deno; RUNTIME=node, Node on the
 #                          npm build (deno task build:npm first)
 #              BENCH_DIR   where the file goes (default bench/out, reused)
 set -euo pipefail
@@ -20,14 +21,7 @@ export PATH="/usr/bin:/usr/sbin:/bin:$PATH"
 ROOT=$PWD
 ROUNDS=${1:-3}
 DIR=${BENCH_DIR:-$ROOT/bench/out}
-case ${RUNTIME:-deno} in
-  bun) OURS="$ROOT/node_modules/.bin/bun $ROOT/cli.ts" ;;
-  node)
-    OURS="node $ROOT/npm/dist/esm/cli.js"
-    [[ -f $ROOT/npm/dist/esm/cli.js ]] || { echo "no npm build: run deno task build:npm" >&2; exit 1; }
-    ;;
-  *) OURS="$ROOT/node_modules/.bin/deno run -A --no-check $ROOT/cli.ts" ;;
-esac
+source "$ROOT/bench/ours.sh"
 for tool in fio nbdcopy nbdkit python3; do
   command -v $tool >/dev/null || { echo "bench/file.sh: $tool is needed (.ci/setup)" >&2; exit 1; }
 done
@@ -52,7 +46,7 @@ print(round(r['bw_bytes']/1048576) if sys.argv[1]=='bw' else round(r['iops']))" 
 # One round with one server: "IOPS MiB/s seconds".
 round() {
   rm -f "$SOCK"
-  if [[ $1 == nbdkit ]]; then nbdkit -f -U "$SOCK" file "$FILE" & else $OURS -f -U "$SOCK" file "$FILE" & fi
+  if [[ $1 == nbdkit ]]; then nbdkit -f -U "$SOCK" file "$FILE" & else $NBDKIT_TS -f -U "$SOCK" file "$FILE" & fi
   local pid=$! i
   for i in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
   local iops mibs start end

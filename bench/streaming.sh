@@ -28,16 +28,7 @@ export PATH="/usr/bin:/usr/sbin:/bin:$PATH"
 ROOT=$PWD
 ROUNDS=${1:-5}
 DIR=${BENCH_DIR:-$ROOT/bench/out}
-if [[ -z ${NBDKIT_TS:-} ]]; then
-  if [[ ${RUNTIME:-deno} == bun ]]; then
-    NBDKIT_TS="$ROOT/node_modules/.bin/bun $ROOT/cli.ts"
-  elif [[ ${RUNTIME:-deno} == node ]]; then
-    NBDKIT_TS="node $ROOT/npm/dist/esm/cli.js"
-    [[ -f $ROOT/npm/dist/esm/cli.js ]] || { echo "no npm build: run deno task build:npm" >&2; exit 1; }
-  else
-    NBDKIT_TS="$ROOT/node_modules/.bin/deno run -A --no-check $ROOT/cli.ts"
-  fi
-fi
+source "$ROOT/bench/ours.sh"
 
 for tool in qemu-img qemu-nbd nbdcopy sha256sum /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "missing tool: $tool (apt-get install qemu-utils libnbd-bin time)" >&2; exit 1; }

@@ -46,35 +46,33 @@ export class SparseArray {
   read(buf: Uint8Array, offset: number): void {
     const index = Math.floor(offset / PAGE);
     const within = offset - index * PAGE;
-    if (within + buf.length <= PAGE) {
-      // Within one page (most small requests): no walk.
-      const page = this.#pages.get(index);
-      if (page) buf.set(page.subarray(within, within + buf.length));
-      else buf.fill(0);
-      return;
-    }
+    // Within one page (most small requests): no walk, and no closure for it.
+    if (within + buf.length <= PAGE) return this.#readPiece(buf, index, within, 0, buf.length);
     this.#pieces(offset, buf.length, (index, within, done, n) => {
-      const page = this.#pages.get(index);
-      if (page) buf.set(page.subarray(within, within + n), done);
-      else buf.fill(0, done, done + n);
+      this.#readPiece(buf, index, within, done, n);
     });
+  }
+
+  #readPiece(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
+    const page = this.#pages.get(index);
+    if (page) buf.set(page.subarray(within, within + n), done);
+    else buf.fill(0, done, done + n);
   }
 
   /** Copy `buf` to `offset`, allocating pages. */
   write(buf: Uint8Array, offset: number): void {
     const index = Math.floor(offset / PAGE);
     const within = offset - index * PAGE;
-    if (within + buf.length <= PAGE) {
-      let page = this.#pages.get(index);
-      if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));
-      page.set(buf, within);
-      return;
-    }
+    if (within + buf.length <= PAGE) return this.#writePiece(buf, index, within, 0, buf.length);
     this.#pieces(offset, buf.length, (index, within, done, n) => {
-      let page = this.#pages.get(index);
-      if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));
-      page.set(n === buf.length ? buf : buf.subarray(done, done + n), within);
+      this.#writePiece(buf, index, within, done, n);
     });
+  }
+
+  #writePiece(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
+    let page = this.#pages.get(index);
+    if (!page) this.#pages.set(index, page = new Uint8Array(PAGE));
+    page.set(n === buf.length ? buf : buf.subarray(done, done + n), within);
   }
 
   /** Make `count` bytes at `offset` zero, freeing whole pages. */

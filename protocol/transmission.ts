@@ -388,6 +388,7 @@ export async function transmission(
   // sent, so its buffer is free again at once (and may be pooled). Allocated
   // on the first reply: a connection that only idles costs nothing.
   let batch: Uint8Array | null = null;
+  let batchView: DataView | null = null; // over batch, made with it (batch is never replaced)
   let batchBytes = 0;
   let waitingForInput = false;
   let flushQueued = false;
@@ -433,7 +434,10 @@ export async function transmission(
 
   /** Room for `n` more bytes in the batch: where they go. */
   const reserve = (n: number): number => {
-    batch ??= new Uint8Array(POOL_MIN);
+    if (!batch) {
+      batch = new Uint8Array(POOL_MIN);
+      batchView = new DataView(batch.buffer);
+    }
     if (batchBytes + n > batch.length) flush();
     const at = batchBytes;
     batchBytes += n;
@@ -465,13 +469,11 @@ export async function transmission(
   // The commonest reply (every write's) is put straight into the batch: a
   // fresh 16-byte array per reply, and the DataView over it, cost more than
   // the rest of the reply's path.
-  let batchView: DataView | null = null;
   const sendSimple = (cookie: Uint8Array, errno: number): Promise<void> => {
     if (broken) return Promise.resolve();
     const at = reserve(SIMPLE_HEADER);
-    if (batchView?.buffer !== batch!.buffer) batchView = new DataView(batch!.buffer);
-    batchView.setUint32(at, NBD_SIMPLE_REPLY_MAGIC);
-    batchView.setUint32(at + 4, errno);
+    batchView!.setUint32(at, NBD_SIMPLE_REPLY_MAGIC);
+    batchView!.setUint32(at + 4, errno);
     batch!.set(cookie, at + 8);
     return queued();
   };

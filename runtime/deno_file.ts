@@ -111,8 +111,12 @@ class DenoFile implements RandomAccessFile {
    * a call fails. Returns how many bytes were done: the caller finishes the
    * rest the slow way, which also names an error.
    */
-  async #positional(call: "pread" | "pwrite", buf: Uint8Array, offset: number): Promise<number> {
-    let done = call === "pread" && this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
+  async #positional(
+    call: "pread" | "pwrite",
+    buf: Uint8Array,
+    offset: number,
+    done = 0,
+  ): Promise<number> {
     while (this.#libc && done < buf.length) {
       const n = Number(
         await this.#libc[call](
@@ -129,7 +133,8 @@ class DenoFile implements RandomAccessFile {
   }
 
   async pread(buf: Uint8Array, offset: number): Promise<void> {
-    const done = await this.#positional("pread", buf, offset);
+    const cached = this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
+    const done = await this.#positional("pread", buf, offset, cached);
     if (done < buf.length) await this.#slowPread(buf.subarray(done), offset + done);
   }
 

@@ -5,12 +5,11 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
+import { createHash, randomFillSync } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { definePlugin, EXTENT_HOLE, EXTENT_ZERO, NbdError, type Plugin, serve } from "../mod.ts";
 import { requireTool, run, scratch } from "./helpers.ts";
-import { randomFillSync } from "node:crypto";
 
 /** nbdsh's Python, run against `uri`; its stdout, trimmed (fails on a non-zero exit). */
 async function nbdsh(uri: string, python: string, options: string[] = []): Promise<string> {
@@ -222,10 +221,11 @@ print(seen)`,
       getSize: () => size,
       pread(_h, buf, offset) {
         if (offset === size - 4096 && buf.length === 17) return { bytes: new Uint8Array(16) };
-        const loan = pool.pop()?.subarray(0, buf.length);
-        const bytes = loan && loan.buffer.byteLength >= buf.length
-          ? loan
-          : new Uint8Array(Math.max(buf.length, 256 * 1024)).subarray(0, buf.length);
+        const spare = pool.pop();
+        const whole = spare && spare.length >= buf.length
+          ? spare
+          : new Uint8Array(Math.max(buf.length, 256 * 1024));
+        const bytes = whole.subarray(0, buf.length);
         bytes.set(disk.subarray(offset, offset + buf.length));
         lent++;
         let once = false;
@@ -235,7 +235,6 @@ print(seen)`,
             assert.equal(once, false, "released twice");
             once = true;
             released++;
-            const whole = new Uint8Array(bytes.buffer);
             whole.fill(0xee);
             pool.push(whole);
           },
