@@ -220,7 +220,17 @@ print(seen)`,
       open: () => null,
       getSize: () => size,
       pread(_h, buf, offset) {
+        // Bad loans, each at its own offset: the wrong length, no byte array, a release that throws.
         if (offset === size - 4096 && buf.length === 17) return { bytes: new Uint8Array(16) };
+        if (offset === size - 8192) return { bytes: "not bytes" as unknown as Uint8Array };
+        if (offset === size - 12288) {
+          return {
+            bytes: disk.subarray(offset, offset + buf.length),
+            release() {
+              throw new Error("release failed");
+            },
+          };
+        }
         const spare = pool.pop();
         const whole = spare && spare.length >= buf.length
           ? spare
@@ -255,10 +265,16 @@ print(seen)`,
         server.uri,
         `import hashlib\n` +
           `print(hashlib.sha256(b"".join(h.pread(4096, o) for o in range(0, 1 << 20, 4096))).hexdigest())\n` +
-          errnoOf(`h.pread(17, ${size - 4096})`) + `\nprint(len(h.pread(512, 0)))`,
+          errnoOf(`h.pread(17, ${size - 4096})`) + "\n" +
+          errnoOf(`h.pread(512, ${size - 8192})`) +
+          `\nprint(h.pread(512, ${size - 12288}).hex())` +
+          `\nprint(len(h.pread(512, 0)))`,
       );
       const small = createHash("sha256").update(disk.subarray(0, 1 << 20)).digest("hex");
-      assert.equal(out, `${small}\nEIO\n512`);
+      // The loan whose release threw was sent once, whole: the next reply still lines up.
+      const afterThrow = Array.from(disk.subarray(size - 12288, size - 12288 + 512))
+        .map((b) => b.toString(16).padStart(2, "0")).join("");
+      assert.equal(out, `${small}\nEIO\nEIO\n${afterThrow}\n512`);
     } finally {
       await server.close();
     }
