@@ -75,7 +75,19 @@ export function writeOutcome(result: number, errno: () => number): number {
   throw err;
 }
 
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+/** Time as the pacing sees it: the real one, or a simulated one in tests (no timing in assertions). */
+export interface PacingClock {
+  /** Milliseconds since some fixed point (`performance.now()`). */
+  now(): number;
+  /** Resolve after about `ms` milliseconds (a timer). */
+  sleep(ms: number): Promise<void>;
+}
+
+/** The real clock: `performance.now()` and `setTimeout`. */
+export const REAL_CLOCK: PacingClock = {
+  now: () => performance.now(),
+  sleep: (ms) => new Promise<void>((resolve) => setTimeout(resolve, ms)),
+};
 
 /**
  * A `WritableStream` over a nonblocking FIFO descriptor, paced by a timer
@@ -83,6 +95,7 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  *
  * @param pipe The descriptor's calls.
  * @param capacity The pipe's size in bytes (`F_GETPIPE_SZ`).
+ * @param clock Where time comes from ({@linkcode REAL_CLOCK} unless simulated).
  * @returns The stream; closing or aborting it closes the descriptor.
  *
  * @example Into a fake pipe that a reader drains a little at every tick
@@ -113,6 +126,7 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
 export function pacedPipeWritable(
   pipe: NonblockingPipe,
   capacity: number,
+  clock: PacingClock = REAL_CLOCK,
 ): WritableStream<Uint8Array> {
   let waitUntil = 0; // stream offset up to which the writer waits for room instead of sleeping
   let written = 0;
@@ -152,10 +166,10 @@ export function pacedPipeWritable(
         written += n;
         continue;
       }
-      const start = performance.now();
-      await sleep(PAUSE_MS);
+      const start = clock.now();
+      await clock.sleep(PAUSE_MS);
       const left = pipe.queued();
-      const slept = performance.now() - start;
+      const slept = clock.now() - start;
       tick = Math.min(tick, slept);
       // The pipe was full when the sleep began. Empty (or nearly) at its end
       // after an ordinary tick, the reader has been waiting for the timer.
