@@ -39,8 +39,14 @@ export const RWF_NOWAIT = 0x08;
  * Reads up to this size are tried from the page cache first, on the
  * JavaScript thread. Larger ones go to the thread pool at once: copying
  * them would hold up the event loop (and the other connections) for longer.
+ * A 1 MiB copy from the page cache takes about as long as sending the same
+ * reply into the socket, which that thread does anyway; below it the hand-off
+ * to the pool costs more than it saves. nbdcopy of a cached 1 GiB file (256
+ * KiB reads on 4 connections), 2026-12-02, against 128 KiB here before:
+ * server CPU 0.64–0.97 → 0.50–0.64 s on Deno, 0.55–0.70 → 0.48–0.53 s on
+ * Bun, 0.97–1.11 → 0.71–0.84 s on Node.
  */
-export const CACHED_READ_MAX = 128 * 1024;
+export const CACHED_READ_MAX = 1024 * 1024;
 
 const EINVAL = 22;
 const ENOSYS = 38;
