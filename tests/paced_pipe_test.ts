@@ -22,19 +22,16 @@ import {
 const CAPACITY = 64 * 1024;
 
 /**
- * Simulated time: it moves only when the writer sleeps, by `sleeps[i]` ms
- * for its i-th sleep (a late timer), or by what it asked for.
+ * Simulated time: it moves only when the writer sleeps, by what it asked
+ * for, or by `took(nth, ms)` for its nth sleep (a late timer).
  */
-function simulatedClock(sleeps: number[] = []): PacingClock & { slept: number[] } {
+function simulatedClock(took = (_nth: number, ms: number) => ms): PacingClock {
   let now = 0;
-  const slept: number[] = [];
+  let sleeps = 0;
   return {
-    slept,
     now: () => now,
     sleep(ms) {
-      const took = sleeps[slept.length] ?? ms;
-      slept.push(took);
-      now += took;
+      now += took(sleeps++, ms);
       return Promise.resolve();
     },
   };
@@ -127,9 +124,7 @@ test("a reader faster than the timer: the writer goes back to waiting in write(2
 test("late timers prove nothing: a long sleep between two that find the pipe empty keeps pacing", async () => {
   // Every other sleep lasts five ticks (the event loop was busy): the pipe is
   // empty after each, but never after two ordinary ticks in a row.
-  const clock = simulatedClock(
-    Array.from({ length: 100 }, (_, i) => i % 2 ? 5 * PAUSE_MS : PAUSE_MS),
-  );
+  const clock = simulatedClock((nth, ms) => nth % 2 ? 5 * ms : ms);
   const { pipe, stats, bytes } = simulatedPipe(CAPACITY / PAUSE_MS, clock);
   const input = data(40 * CAPACITY);
   await writeAllOf(pacedPipeWritable(pipe, CAPACITY, clock), input, 3 * CAPACITY);
@@ -147,9 +142,10 @@ test("writeOutcome: EAGAIN is a full pipe, EINTR a retry, EPIPE and others throw
 });
 
 test("a failing write rejects the stream's write and closes the descriptor once", async () => {
-  const { pipe, stats } = simulatedPipe(0, simulatedClock());
+  const clock = simulatedClock();
+  const { pipe, stats } = simulatedPipe(0, clock);
   pipe.tryWrite = () => writeOutcome(-1, () => EPIPE);
-  const w = pacedPipeWritable(pipe, CAPACITY).getWriter();
+  const w = pacedPipeWritable(pipe, CAPACITY, clock).getWriter();
   await assert.rejects(w.write(new Uint8Array(10)), { code: "EPIPE" });
   await w.abort().catch(() => {});
   assert.equal(stats.closed, 1);
