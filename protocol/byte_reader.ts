@@ -111,6 +111,38 @@ export class ByteReader {
   }
 
   /**
+   * Take exactly `n` bytes if they have already arrived, without waiting:
+   * the request loop's fast path, which costs no promise and no microtask
+   * turn when a burst of requests sits in the buffer.
+   *
+   * @param n The byte count (at most 64 KiB).
+   * @returns A view of the reader's buffer, valid only until the next call on
+   *   the reader, or null when fewer than `n` bytes are buffered (then call
+   *   {@linkcode ByteReader.read}).
+   */
+  take(n: number): Uint8Array | null {
+    if (this.#end - this.#start < n) return null;
+    const view = this.#buf.subarray(this.#start, this.#start + n);
+    this.#start += n;
+    return view;
+  }
+
+  /**
+   * Fill `out` from bytes that have already arrived, without waiting.
+   *
+   * @param out Where the bytes go.
+   * @returns True when `out` was filled; false, with nothing taken, when
+   *   fewer bytes are buffered (then call {@linkcode ByteReader.readInto}).
+   */
+  takeInto(out: Uint8Array): boolean {
+    const length = out.length;
+    if (this.#end - this.#start < length) return false;
+    out.set(this.#buf.subarray(this.#start, this.#start + length));
+    this.#start += length;
+    return true;
+  }
+
+  /**
    * Read exactly `n` bytes.
    *
    * @param n The byte count.

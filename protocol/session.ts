@@ -9,7 +9,7 @@
  *
  * @module
  */
-import type { ExportInfo, LentBytes } from "../plugins/plugin.ts";
+import type { Awaitable, ExportInfo, LentBytes } from "../plugins/plugin.ts";
 
 /** Block size constraints sent in `NBD_INFO_BLOCK_SIZE`. */
 export interface BlockSizeInfo {
@@ -48,10 +48,14 @@ export interface ExportSession {
    * only then may it get a reused buffer that was not zeroed first.
    */
   readonly readFillsBuffer?: boolean;
-  /** Fill `buf` from `offset`, or return bytes lent for the reply instead (released once sent). */
-  read(buf: Uint8Array, offset: number): Promise<void | LentBytes>;
-  /** Write `buf` at `offset`. */
-  write(buf: Uint8Array, offset: number, fua: boolean): Promise<void>;
+  /**
+   * Fill `buf` from `offset`, or return bytes lent for the reply instead
+   * (released once sent). Synchronous when the plugin is, so that the
+   * request costs no promise: a throw is the read's failure.
+   */
+  read(buf: Uint8Array, offset: number): Awaitable<void | LentBytes>;
+  /** Write `buf` at `offset`; synchronous when the plugin is (as `read`). */
+  write(buf: Uint8Array, offset: number, fua: boolean): Awaitable<void>;
   /** Flush. */
   flush(): Promise<void>;
   /** Trim. */

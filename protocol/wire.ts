@@ -90,6 +90,19 @@ export function u64(value: bigint | number): Uint8Array {
   return out;
 }
 
+/**
+ * A request's 64-bit cookie, as the two 32-bit halves it is echoed from.
+ * Numbers, not bytes: an 8-byte array per request cost V8 an off-heap
+ * allocation and its free (a fifth of the server's malloc calls under 4 KiB
+ * random writes).
+ */
+export interface Cookie {
+  /** The high 32 bits. */
+  cookieHi: number;
+  /** The low 32 bits. */
+  cookieLo: number;
+}
+
 /** Size of a simple reply header. */
 export const SIMPLE_HEADER = 16;
 /** Size of a structured reply chunk header. */
@@ -99,14 +112,15 @@ export const CHUNK_HEADER = 20;
  * Fill a simple reply header at the start of `out`.
  *
  * @param out At least 16 bytes.
- * @param cookie The request's 8-byte cookie.
+ * @param cookie The request's cookie.
  * @param error The errno (0 for success).
  */
-export function putSimpleHeader(out: Uint8Array, cookie: Uint8Array, error: number): void {
+export function putSimpleHeader(out: Uint8Array, cookie: Cookie, error: number): void {
   const view = new DataView(out.buffer, out.byteOffset, SIMPLE_HEADER);
   view.setUint32(0, NBD_SIMPLE_REPLY_MAGIC);
   view.setUint32(4, error);
-  out.set(cookie, 8);
+  view.setUint32(8, cookie.cookieHi);
+  view.setUint32(12, cookie.cookieLo);
 }
 
 /**
@@ -120,7 +134,7 @@ export function putSimpleHeader(out: Uint8Array, cookie: Uint8Array, error: numb
  */
 export function putChunkHeader(
   out: Uint8Array,
-  cookie: Uint8Array,
+  cookie: Cookie,
   flags: number,
   type: number,
   length: number,
@@ -129,7 +143,8 @@ export function putChunkHeader(
   view.setUint32(0, NBD_STRUCTURED_REPLY_MAGIC);
   view.setUint16(4, flags);
   view.setUint16(6, type);
-  out.set(cookie, 8);
+  view.setUint32(8, cookie.cookieHi);
+  view.setUint32(12, cookie.cookieLo);
   view.setUint32(16, length);
 }
 
@@ -140,22 +155,9 @@ export function putChunkHeader(
  * @param error The errno.
  * @returns The encoded chunk.
  */
-export function structuredError(cookie: Uint8Array, error: number): Uint8Array {
+export function structuredError(cookie: Cookie, error: number): Uint8Array {
   const out = new Uint8Array(CHUNK_HEADER + 6);
   putChunkHeader(out, cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6);
   new DataView(out.buffer).setUint32(CHUNK_HEADER, error);
-  return out;
-}
-
-/**
- * A simple reply without payload.
- *
- * @param cookie The request's cookie.
- * @param error The errno (0 for success).
- * @returns The encoded reply.
- */
-export function simpleReply(cookie: Uint8Array, error: number): Uint8Array {
-  const out = new Uint8Array(SIMPLE_HEADER);
-  putSimpleHeader(out, cookie, error);
   return out;
 }

@@ -25,7 +25,14 @@ import type {
   ZeroOptions,
 } from "../protocol/session.ts";
 import { NbdError } from "../plugins/errors.ts";
-import type { ExportInfo, LentBytes, Plugin, SupportMode, WriteFlags } from "../plugins/plugin.ts";
+import type {
+  Awaitable,
+  ExportInfo,
+  LentBytes,
+  Plugin,
+  SupportMode,
+  WriteFlags,
+} from "../plugins/plugin.ts";
 import { Mutex } from "./mutex.ts";
 
 /** Server-wide settings the backend needs. */
@@ -93,6 +100,35 @@ function flagsOf(c: Caps): number {
 const WRITE_FUA: WriteFlags = Object.freeze({ fua: true });
 const WRITE_NO_FUA: WriteFlags = Object.freeze({ fua: false });
 
+/** Whether a callback's result is a promise (or promise-like) to wait for. */
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return value !== null && (typeof value === "object" || typeof value === "function") &&
+    typeof (value as { then?: unknown }).then === "function";
+}
+
+/**
+ * What `pread` returned, as a loan or nothing. Only an object with a byte
+ * array is a loan: a plugin written as `(h, buf) => buf.fill(0)` returns its
+ * buffer, which is no loan.
+ */
+function loanOf(result: unknown, buf: Uint8Array): LentBytes | undefined {
+  if (result === null || typeof result !== "object" || !("bytes" in result)) return undefined;
+  const { bytes, release } = result as LentBytes;
+  const loan = {
+    bytes,
+    release: typeof release === "function" ? () => release.call(result) : undefined,
+  };
+  if (!(bytes instanceof Uint8Array)) {
+    loan.release?.();
+    throw new Error("pread lent something that is not a Uint8Array");
+  }
+  if (bytes.length !== buf.length) {
+    loan.release?.();
+    throw new Error(`pread lent ${bytes.length} bytes for a read of ${buf.length}`);
+  }
+  return loan;
+}
+
 /** An open plugin handle serving one connection. */
 class PluginSession<H> implements ExportSession {
   readonly name: string;
@@ -138,32 +174,25 @@ class PluginSession<H> implements ExportSession {
     return Promise.resolve(fn());
   }
 
-  async read(buf: Uint8Array, offset: number): Promise<LentBytes | undefined> {
+  read(buf: Uint8Array, offset: number): Awaitable<LentBytes | undefined> {
     // Reads and writes call the plugin directly when nothing serialises
-    // them: a closure and a promise less per request.
-    const result: unknown = this.#lock
-      ? await this.#lock.run(() => this.#p.pread(this.#h, buf, offset))
-      : await this.#p.pread(this.#h, buf, offset);
-    // Only an object with a byte array is a loan: a plugin written as
-    // `(h, buf) => buf.fill(0)` returns its buffer, which is no loan.
-    if (result === null || typeof result !== "object" || !("bytes" in result)) return undefined;
-    const { bytes, release } = result as LentBytes;
-    const loan = {
-      bytes,
-      release: typeof release === "function" ? () => release.call(result) : undefined,
-    };
-    if (!(bytes instanceof Uint8Array)) {
-      loan.release?.();
-      throw new Error("pread lent something that is not a Uint8Array");
+    // them, and answer synchronously when the plugin does: no closure, no
+    // promise and no microtask turn per request.
+    if (this.#lock) {
+      return this.#lock.run(() => this.#p.pread(this.#h, buf, offset)).then((r) => loanOf(r, buf));
     }
-    if (bytes.length !== buf.length) {
-      loan.release?.();
-      throw new Error(`pread lent ${bytes.length} bytes for a read of ${buf.length}`);
-    }
-    return loan;
+    const result: unknown = this.#p.pread(this.#h, buf, offset);
+    if (isThenable(result)) return Promise.resolve(result).then((r) => loanOf(r, buf));
+    return loanOf(result, buf);
   }
 
-  async write(buf: Uint8Array, offset: number, fua: boolean): Promise<void> {
+  write(buf: Uint8Array, offset: number, fua: boolean): Awaitable<void> {
+    if (fua || this.#lock) return this.#writeSlowly(buf, offset, fua);
+    const result: unknown = this.#p.pwrite!(this.#h, buf, offset, WRITE_NO_FUA);
+    if (isThenable(result)) return Promise.resolve(result).then(() => {});
+  }
+
+  async #writeSlowly(buf: Uint8Array, offset: number, fua: boolean): Promise<void> {
     const native = fua && this.#caps.fua === "native";
     const flags = native ? WRITE_FUA : WRITE_NO_FUA;
     if (this.#lock) await this.#lock.run(() => this.#p.pwrite!(this.#h, buf, offset, flags));

@@ -282,6 +282,97 @@ print(seen)`,
     assert.equal(released, lent, "every loan released once");
   });
 
+  test("reads and writes answered synchronously, by a promise or by a thenable; a throw fails one request", async () => {
+    // Each 64 KiB region of the disk answers its own way. A synchronous
+    // answer is sent at once, the others when they settle: either way a write
+    // is acknowledged only once the plugin has it.
+    const REGION = 65536;
+    const disk = new Uint8Array(5 * REGION);
+    let writing = 0;
+    const early: number[] = [];
+    const thenable = <T>(fn: () => T) => ({
+      then(ok: (v: T) => void, bad: (e: unknown) => void) {
+        setTimeout(() => {
+          try {
+            ok(fn());
+          } catch (err) {
+            bad(err);
+          }
+        }, 20);
+      },
+    });
+    const later = <T>(fn: () => T) => new Promise<T>((ok, bad) => thenable(fn).then(ok, bad));
+    const answer = <T>(offset: number, fn: () => T): unknown => {
+      switch (Math.floor(offset / REGION)) {
+        case 0:
+          return fn();
+        case 1:
+          return later(fn);
+        case 2:
+          return thenable(fn);
+        case 3:
+          throw new NbdError("ENOSPC", "region 3 refuses synchronously");
+        default:
+          return later(() => {
+            throw new NbdError("EPERM", "region 4 refuses later");
+          });
+      }
+    };
+    const plugin = definePlugin({
+      name: "answers",
+      open: () => null,
+      getSize: () => disk.length,
+      pread(_h, buf, offset) {
+        // nbdsh waits for each reply: a write still running is one acknowledged too soon.
+        if (writing > 0) early.push(offset);
+        return answer(
+          offset,
+          () => void buf.set(disk.subarray(offset, offset + buf.length)),
+        ) as void;
+      },
+      pwrite(_h, buf, offset) {
+        const writes = offset < 3 * REGION; // regions 3 and 4 refuse
+        if (writes) writing++;
+        return answer(offset, () => {
+          writing--;
+          disk.set(buf, offset);
+        }) as void;
+      },
+    });
+    const server = await serve(plugin, { unixSocket: join(dir, "answers.sock") });
+    try {
+      const python = [0, 1, 2, 3, 4].map((r) => {
+        const at = r * REGION + 512;
+        return `d = bytes([${r + 1}]) * 4096\n` +
+          errnoOf(`h.pwrite(d, ${at})`) + "\n" +
+          errnoOf(`assert h.pread(4096, ${at}) == d`);
+      }).join("\n");
+      const out = await nbdsh(server.uri, python);
+      assert.equal(out, "ok\nok\nok\nok\nok\nok\nENOSPC\nENOSPC\nEPERM\nEPERM");
+      assert.deepEqual(early, [], "reads that came while a write was still running");
+      for (const r of [0, 1, 2]) {
+        const at = r * REGION + 512;
+        assert.ok(disk.subarray(at, at + 4096).every((b) => b === r + 1), `region ${r}`);
+      }
+      assert.ok(
+        disk.subarray(3 * REGION).every((b) => b === 0),
+        "the refused writes wrote nothing",
+      );
+      // Many in flight at once, mixed: every reply matches its request.
+      const mixed = await nbdsh(
+        server.uri,
+        `rs = (0, 1, 2) * 20\n` +
+          `bufs = [nbd.Buffer(4096) for r in rs]\n` +
+          `for b, r in zip(bufs, rs): h.aio_pread(b, r * ${REGION} + 512)\n` +
+          `while h.aio_in_flight() > 0: h.poll(-1)\n` +
+          `print(all(b.to_bytearray() == bytes([r + 1]) * 4096 for b, r in zip(bufs, rs)))`,
+      );
+      assert.equal(mixed, "True");
+    } finally {
+      await server.close();
+    }
+  });
+
   test("a bad parameter rejects serve() and nothing listens", async () => {
     const socket = join(dir, "bad.sock");
     const noConfig = definePlugin({
