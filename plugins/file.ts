@@ -223,13 +223,18 @@ export function createFilePlugin(): Plugin<Handle> {
     canCache: (h) => h.file.advise ? "native" : "emulate",
     canExtents: (h) => h.extents,
 
-    async pread(h, buf, offset) {
-      try {
-        await h.file.pread(buf, offset);
-      } catch (err) {
-        throw nbdError(err, "pread");
-      }
-      if (cache === "none") await h.file.advise?.(offset, buf.length, "dontneed").catch(() => {});
+    pread(h, buf, offset) {
+      // A read the page cache held is answered synchronously: no promise.
+      const reading = h.file.pread(buf, offset);
+      if (!reading && cache !== "none") return;
+      return (async () => {
+        try {
+          await reading;
+        } catch (err) {
+          throw nbdError(err, "pread");
+        }
+        if (cache === "none") await h.file.advise?.(offset, buf.length, "dontneed").catch(() => {});
+      })();
     },
 
     async pwrite(h, buf, offset, { fua }) {

@@ -132,8 +132,13 @@ class DenoFile implements RandomAccessFile {
     return done;
   }
 
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
+  pread(buf: Uint8Array, offset: number): Promise<void> | undefined {
     const cached = this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
+    if (cached === buf.length) return undefined;
+    return this.#preadRest(buf, offset, cached);
+  }
+
+  async #preadRest(buf: Uint8Array, offset: number, cached: number): Promise<void> {
     const done = await this.#positional("pread", buf, offset, cached);
     if (done < buf.length) await this.#slowPread(buf.subarray(done), offset + done);
   }

@@ -800,8 +800,14 @@ class NodeFile implements RandomAccessFile {
   // A read or write with a position is pread/pwrite: no shared file offset,
   // so concurrent requests need no lock. What the page cache holds of a
   // small read is taken on this thread first (see CachedReads).
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
-    let done = this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
+  pread(buf: Uint8Array, offset: number): Promise<void> | undefined {
+    const cached = this.#cached ? this.#cached.read(this.#fd, buf, offset) : 0;
+    if (cached === buf.byteLength) return undefined;
+    return this.#preadRest(buf, offset, cached);
+  }
+
+  async #preadRest(buf: Uint8Array, offset: number, cached: number): Promise<void> {
+    let done = cached;
     while (done < buf.byteLength) {
       const n = await new Promise<number>((resolve, reject) => {
         fs.read(this.#fd, buf, done, buf.byteLength - done, offset + done, (err, n) => {

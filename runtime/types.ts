@@ -81,8 +81,12 @@ export interface Listener {
  * (Deno with `--allow-ffi`, Bun, Node with koffi) and are absent without it.
  */
 export interface RandomAccessFile {
-  /** Read exactly `buf.length` bytes at `offset` (zeroes past the end). */
-  pread(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Read exactly `buf.length` bytes at `offset` (zeroes past the end).
+   * Returns nothing, at once, when the page cache held all of them (so a
+   * cached read costs the request no promise); a promise otherwise.
+   */
+  pread(buf: Uint8Array, offset: number): Promise<void> | undefined;
   /** Write all of `buf` at `offset`. */
   pwrite(buf: Uint8Array, offset: number): Promise<void>;
   /** The current size in bytes (of a block device too). */

@@ -279,7 +279,7 @@ test("openFile: pwrite, pread, size, sync", async () => {
 
     // A failing read names its cause (on Deno, through its own API: FFI's errno is not visible).
     const folder = await runtime.openFile(dir, { write: false });
-    await assert.rejects(folder.pread(new Uint8Array(512), 0), /directory/i);
+    await assert.rejects(async () => await folder.pread(new Uint8Array(512), 0), /directory/i);
     await folder.close();
   } finally {
     cleanup();
