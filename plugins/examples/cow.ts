@@ -66,7 +66,13 @@ export function createCowPlugin<H>(base: Plugin<H>): Plugin<{ h: H; size: number
           let stop = (Math.floor(at / BLOCK) + 1) * BLOCK;
           while (stop < end && !overlay.has(stop / BLOCK)) stop += BLOCK;
           n = Math.min(stop, end) - at;
-          await base.pread(h, buf.subarray(done, done + n), at);
+          const part = buf.subarray(done, done + n);
+          // The plugin below may lend its own bytes rather than fill the buffer.
+          const lent = await base.pread(h, part, at);
+          if (lent) {
+            part.set(lent.bytes);
+            lent.release?.();
+          }
         }
       }
     },
