@@ -154,18 +154,12 @@ export class SparseArray {
     const last = Math.floor((offset + count - 1) / SLAB);
     for (let index = Math.floor(offset / SLAB); index <= last; index++) {
       if (this.#slabs.has(index)) continue;
-      const slab: Slab = { bytes: new Uint8Array(SLAB), pages: 0 };
+      this.#slabs.set(index, { bytes: new Uint8Array(SLAB), pages: 0 });
       // Pages that small writes made before move into the slab.
-      for (let i = 0; i < PAGES_PER_SLAB; i++) {
-        const p = index * PAGES_PER_SLAB + i;
+      for (let p = index * PAGES_PER_SLAB; p < (index + 1) * PAGES_PER_SLAB; p++) {
         const page = this.#pages.get(p);
-        if (!page) continue;
-        const view = slab.bytes.subarray(i * PAGE, (i + 1) * PAGE);
-        view.set(page);
-        this.#pages.set(p, view);
-        slab.pages++;
+        if (page) this.#newPage(p).set(page);
       }
-      this.#slabs.set(index, slab);
     }
   }
 
