@@ -275,12 +275,9 @@ function validate(
   if ((flags & NBD_CMD_FLAG_FUA) && !(eflags & NBD_FLAG_SEND_FUA)) {
     return bad(NBD_EINVAL, "FUA flag not advertised");
   }
-  if (
-    (flags & NBD_CMD_FLAG_FUA) && type !== NBD_CMD_WRITE && type !== NBD_CMD_TRIM &&
-    type !== NBD_CMD_WRITE_ZEROES
-  ) {
-    return bad(NBD_EINVAL, "FUA flag on a command that does not write");
-  }
+  // FUA on a command that does not write (READ, FLUSH, CACHE, BLOCK_STATUS)
+  // is accepted and means nothing: the spec says a server that advertised
+  // FUA MUST accept it on every command, since clients are known to set it.
   if ((flags & (NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO)) && type !== NBD_CMD_WRITE_ZEROES) {
     return bad(NBD_EINVAL, "NO_HOLE or FAST_ZERO flag on a command other than WRITE_ZEROES");
   }

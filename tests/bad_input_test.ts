@@ -173,6 +173,29 @@ describe("bad input", () => {
     assert.equal(read.stdout.trim(), "True");
   });
 
+  test("FUA on commands that do not write is accepted, as the spec requires", () => {
+    // nbdsh refuses such flags unless strict mode is relaxed: clients that
+    // set them anyway exist, and a server that advertised FUA must accept them.
+    const r = nbdsh(
+      server.uri,
+      [
+        "c = nbd.NBD()",
+        "c.add_meta_context('base:allocation')",
+        "c.set_strict_mode(0)",
+        `c.connect_uri(${JSON.stringify(server.uri)})`,
+        "c.pwrite(b'\\x5a' * 512, 0)",
+        "assert c.pread(512, 0, nbd.CMD_FLAG_FUA) == b'\\x5a' * 512",
+        "c.flush(nbd.CMD_FLAG_FUA)",
+        "seen = []",
+        "c.block_status(512, 0, lambda ctx, off, ents, err: seen.append(ents), nbd.CMD_FLAG_FUA)",
+        "assert seen and seen[0][0] >= 512, seen",
+        "print('ok')",
+      ].join("\n"),
+    );
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout.trim(), "ok");
+  });
+
   test("a client that disconnects in the middle of a WRITE payload changes nothing", async () => {
     const before = nbdsh(server.uri, "print(h.pread(16, 4*1024*1024).hex())").stdout.trim();
     const c = await RawClient.connect(server.socket);
