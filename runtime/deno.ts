@@ -85,6 +85,8 @@ function pacedFifo(path: string, file: Deno.FsFile): WritableStream<Uint8Array> 
 /** Chunk size of socket reads: a whole 64 KiB NBD write arrives in one or two. */
 const READ_CHUNK = 64 * 1024;
 
+const SIGUSR1 = 10; // on Linux
+
 /**
  * The most a read into a small buffer (the request reader's) asks for.
  * Deno's sockets are tokio's, which take a read that returns less than it
@@ -245,6 +247,18 @@ export const denoRuntime: Runtime = {
   stderrIsTerminal: () => Deno.stderr.isTerminal(),
   onSignal(signal: SignalName, handler: () => void) {
     Deno.addSignalListener(signal, handler);
+  },
+  endOnSigusr1() {
+    // Deno installs its SIGUSR1 handler (which starts the inspector) half a
+    // second after start-up, and a listener of ours runs beside it, not
+    // instead: so the signal's disposition is set back to the default
+    // (terminate) once that handler is in, and again a little later. Without
+    // FFI allowed (no libc), Deno's behaviour stays.
+    const libc = denoLibc();
+    if (!libc) return;
+    const reset = () => libc.signal(SIGUSR1, 0n); // SIG_DFL
+    reset();
+    for (const ms of [600, 1500, 3000]) Deno.unrefTimer(setTimeout(reset, ms));
   },
 
   listenTcp(hostname, port, onConnection): Promise<Listener> {

@@ -44,6 +44,8 @@ const SYMBOLS = {
   fallocate64_now: { name: "fallocate64", parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
   lseek64: { parameters: ["i32", "i64", "i32"], result: "i64", nonblocking: true },
   lseek64_now: { name: "lseek64", parameters: ["i32", "i64", "i32"], result: "i64" },
+  // SIGUSR1 back to its default action (runtime/deno.ts: endOnSigusr1).
+  signal: { parameters: ["i32", "usize"], result: "usize" },
   // Returns the error number itself: no second call needed.
   posix_fadvise64: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;

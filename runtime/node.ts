@@ -971,6 +971,11 @@ export const nodeRuntime: Runtime = {
   onSignal(signal: SignalName, handler: () => void) {
     process.on(signal, handler);
   },
+  endOnSigusr1() {
+    // A listener replaces Node's own, which would start the inspector. The
+    // status is a shell's for a process killed by SIGUSR1.
+    process.on("SIGUSR1", () => exitNow(128 + 10));
+  },
 
   async listenTcp(hostname, port, onConnection): Promise<Listener> {
     const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (sock) => {

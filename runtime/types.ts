@@ -141,7 +141,7 @@ export interface SpawnOptions {
 }
 
 /** Signals the server reacts to. */
-export type SignalName = "SIGINT" | "SIGTERM" | "SIGHUP";
+export type SignalName = "SIGINT" | "SIGTERM" | "SIGHUP" | "SIGQUIT";
 
 /** How a child process ended: an exit code, or the signal that killed it. */
 export type ExitStatus = { code: number; signal: null } | { code: null; signal: number };
@@ -180,6 +180,13 @@ export interface Runtime {
   stderrIsTerminal(): boolean;
   /** Call `handler` on `signal`; the default action is replaced. */
   onSignal(signal: SignalName, handler: () => void): void;
+  /**
+   * Make SIGUSR1 end the process, as it ends nbdkit, instead of opening the
+   * runtime's debugger (Deno from 2.9.2 and Node start an inspector on
+   * 127.0.0.1:9229 on SIGUSR1, through which anyone on the machine could
+   * run code as the server's user).
+   */
+  endOnSigusr1(): void;
 
   /** Listen on TCP; `onConnection` is called for each accepted client. */
   listenTcp(

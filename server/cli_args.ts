@@ -120,10 +120,11 @@ const UNSUPPORTED: Record<string, string> = {
   group: "changing group is not supported; use your service manager",
   g: "changing group is not supported; use your service manager",
   swap: "--swap is not supported",
-  "4": "not supported; the server listens on IPv4 (0.0.0.0) unless -i says otherwise",
-  "ipv4-only": "not supported; the server listens on IPv4 (0.0.0.0) unless -i says otherwise",
-  "6": "not supported; give an IPv6 address with -i (-i :: for all of them)",
-  "ipv6-only": "not supported; give an IPv6 address with -i (-i :: for all of them)",
+  "4": "not supported; -i 0.0.0.0 listens on every IPv4 address only",
+  "ipv4-only": "not supported; -i 0.0.0.0 listens on every IPv4 address only",
+  "6": "not supported; give an IPv6 address with -i (without -i, IPv6 and IPv4 are both served)",
+  "ipv6-only":
+    "not supported; give an IPv6 address with -i (without -i, IPv6 and IPv4 are both served)",
   "selinux-label": "--selinux-label is not supported",
 };
 

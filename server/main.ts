@@ -451,7 +451,8 @@ export async function main(argv: string[]): Promise<number> {
   // --run branch below stops the server and returns it.
   let runEnded = false;
   let signalled = false;
-  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  runtime.endOnSigusr1();
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] as const) {
     runtime.onSignal(signal, () => {
       // A second signal while a graceful stop waits (say, for a streaming
       // reader that never comes) means: stop now. Counting signals rather

@@ -38,7 +38,7 @@ export interface ServeOptions {
   unixSocket?: string;
   /** Listen on this TCP port (10809 when neither this nor `unixSocket` is given; 0 picks one). */
   port?: number;
-  /** The TCP address to bind (all addresses when absent). */
+  /** The TCP address to bind (every IPv6 and IPv4 address when absent). */
   hostname?: string;
   /** Serve exactly one connection on stdin/stdout (`-s`). */
   stdio?: boolean;
@@ -117,6 +117,32 @@ async function listening(
     let why = osMessage(err);
     if (prefix && why.startsWith(`${prefix}: `)) why = why.slice(prefix.length + 2);
     throw new Error(`cannot listen on ${what}: ${why}`);
+  }
+}
+
+/**
+ * Listen on every address, IPv6 and IPv4, as nbdkit does. `::` takes both on
+ * most systems (`net.ipv6.bindv6only` = 0); a second listener on `0.0.0.0`
+ * covers the systems where it does not, and is refused (address in use)
+ * where it does. Without IPv6, `0.0.0.0` alone.
+ */
+async function listenEverywhere(
+  port: number,
+  accept: (conn: Connection) => void,
+): Promise<Listener[]> {
+  const where = `*:${port}`;
+  let v6: Listener | null = null;
+  try {
+    v6 = await runtime.listenTcp("::", port, accept);
+  } catch {
+    // no IPv6 here (or the port is taken: the IPv4 listener says so)
+  }
+  if (!v6) return [await listening(where, where, () => runtime.listenTcp("0.0.0.0", port, accept))];
+  try {
+    const bound = v6.address.transport === "tcp" ? v6.address.port : port;
+    return [v6, await runtime.listenTcp("0.0.0.0", bound, accept)];
+  } catch {
+    return [v6]; // dual-stack: IPv4 clients come in through `::`
   }
 }
 
@@ -319,12 +345,14 @@ export async function startServer<H>(
       () => runtime.listenUnix(path, accept),
     );
     listeners.push(unix);
-  } else {
+  } else if (options.hostname !== undefined) {
     const port = options.port ?? NBD_DEFAULT_PORT;
-    const where = `${options.hostname ?? "*"}:${port}`;
+    const where = `${options.hostname}:${port}`;
     listeners.push(
       await listening(where, where, () => runtime.listenTcp(options.hostname, port, accept)),
     );
+  } else {
+    listeners.push(...await listenEverywhere(options.port ?? NBD_DEFAULT_PORT, accept));
   }
 
   let closing: Promise<void> | null = null;

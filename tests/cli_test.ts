@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync, shWaitFor } from "./helpers.ts";
+import { freePort } from "./libvirt_env.ts";
 
 /** Exit status 1 and exactly one line on stderr that contains `pattern`. */
 async function failsWith(args: string[], pattern: RegExp): Promise<void> {
@@ -27,7 +28,7 @@ describe("command line", () => {
     await failsWith(["-p", "http", "null"], /-p: 'http' is not a number/);
     await failsWith(["--filter=cow", "null"], /filters are not supported/);
     await failsWith([], /no plugin given/);
-    await failsWith(["-4", "null"], /^nbdkit-ts: -4: not supported; the server listens on IPv4/);
+    await failsWith(["-4", "null"], /^nbdkit-ts: -4: not supported; -i 0\.0\.0\.0 listens/);
   });
 
   test("--help, -V, --dump-config, PLUGIN --help, PLUGIN --dump-plugin", async () => {
@@ -163,6 +164,52 @@ except nbd.Error:
     );
     assert.equal(quiet.status, 0);
     assert.equal(quiet.stderr, "");
+  });
+
+  test("without -i, TCP serves IPv6 and IPv4 clients alike, as nbdkit", async () => {
+    const port = await freePort();
+    const r = await nbdkitTs([
+      "-p",
+      String(port),
+      "memory",
+      "size=1M",
+      "--run",
+      `nbdinfo --size 'nbd://[::1]:${port}' && nbdinfo --size nbd://127.0.0.1:${port} && echo "$uri"`,
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, `1048576\n1048576\nnbd://localhost:${port}\n`);
+  });
+
+  test("SIGUSR1 ends the server as it ends nbdkit, and opens no debugger; SIGQUIT stops it", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const sock = join(dir, "sock");
+      // Deno and Node start an inspector on 127.0.0.1:9229 on SIGUSR1; Deno
+      // installs that handler half a second after start-up, so the signal
+      // comes later than that.
+      const usr1 = await shAsync(
+        `${ourShell()} -f -U ${sock} memory size=1M & pid=$!
+         ${shWaitFor(`-S ${sock}`)}
+         sleep 2; kill -USR1 $pid; sleep 0.5
+         if nbdinfo --size 'nbd+unix:///?socket=${sock}' 2>/dev/null; then echo serving; fi
+         socat -u OPEN:/dev/null TCP:127.0.0.1:9229 2>/dev/null && echo inspector
+         kill -0 $pid 2>/dev/null && echo alive && kill -KILL $pid
+         wait $pid; echo "status=$?"`,
+      );
+      assert.equal(usr1.stdout, "status=138\n", usr1.stderr);
+      assert.doesNotMatch(usr1.stderr, /Debugger listening/);
+      // SIGUSR1's default action left that socket behind, as with nbdkit.
+      const sock2 = join(dir, "sock2");
+      const quit = await shAsync(
+        `${ourShell()} -f -U ${sock2} memory size=1M & pid=$!
+         ${shWaitFor(`-S ${sock2}`)}
+         kill -QUIT $pid; sleep 1; kill -0 $pid 2>/dev/null && echo alive && kill -KILL $pid
+         wait $pid; echo "status=$?"; test -S ${sock2} || echo removed`,
+      );
+      assert.equal(quit.stdout, "status=0\nremoved\n", quit.stderr);
+    } finally {
+      cleanup();
+    }
   });
 
   test("a second SIGTERM stops a server that waits for a streaming reader", async () => {
