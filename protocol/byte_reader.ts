@@ -78,11 +78,14 @@ export class ByteReader {
   async #pull(into: Bytes): Promise<{ n: number; view: Bytes }> {
     if (this.#byob) {
       if (this.#ended) return { n: 0, view: into };
-      const length = into.length; // detached by the read
+      const { length, byteOffset } = into; // both read 0 once the read detaches it
       const { value, done } = await this.#byob.read(into);
-      const view = value ? new Uint8Array(value.buffer, value.byteOffset, length) : into;
       if (done) this.#ended = true;
-      return { n: value?.length ?? 0, view };
+      // A cancelled stream (the server shutting down) keeps the memory it
+      // was given and hands back nothing: the bytes held are lost with it,
+      // and the caller gets fresh memory of the same size.
+      if (!value) return { n: 0, view: new Uint8Array(byteOffset + length).subarray(byteOffset) };
+      return { n: value.length, view: new Uint8Array(value.buffer, value.byteOffset, length) };
     }
     while (this.#chunk.length === 0) {
       if (this.#ended) return { n: 0, view: into };
