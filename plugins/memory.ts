@@ -207,11 +207,27 @@ export function createMemoryPlugin(): Plugin<null> {
     longname: "nbdkit-ts memory plugin",
     version: VERSION,
     magicConfigKey: "size",
-    configHelp: "size=<SIZE>  (required) Size of the RAM disk, e.g. 1G.",
+    configHelp: "size=<SIZE>  (required) Size of the RAM disk, e.g. 1G.\n" +
+      "allocator=sparse|malloc  Accepted for nbdkit's command lines; both are sparse here.",
     threadModel: "parallel",
     preadFillsBuffer: true,
 
     config(key, value) {
+      if (key === "allocator") {
+        // nbdkit's `malloc` preallocates the whole disk; what a client sees
+        // is the same, so its command lines run here as they are, sparse.
+        const [name, ...options] = value.split(",");
+        if (name === "zstd") throw new Error("allocator=zstd (compressed pages) is not supported");
+        if (name !== "sparse" && name !== "malloc") {
+          throw new Error(`allocator=${value}: unknown allocator (sparse, malloc)`);
+        }
+        for (const option of options) {
+          if (name !== "malloc" || !/^mlock=/.test(option)) {
+            throw new Error(`allocator=${value}: unknown option '${option}'`);
+          }
+        }
+        return;
+      }
       if (key !== "size") throw new Error(`unknown parameter '${key}'`);
       size = parseSize(value);
     },

@@ -58,6 +58,18 @@ describe("command line", () => {
     assert.match(dump.stdout, /^thread_model=parallel$/m);
   });
 
+  test("memory: nbdkit's allocator=sparse and allocator=malloc run; zstd is refused", async () => {
+    for (const allocator of ["sparse", "malloc", "malloc,mlock=true"]) {
+      const r = await captive(
+        ["memory", "size=1M", `allocator=${allocator}`],
+        `nbdsh -u "$uri" -c 'h.pwrite(b"\\x07" * 4096, 8192)' -c 'print(h.pread(4096, 8192) == b"\\x07" * 4096)'`,
+      );
+      assert.equal(r.stdout.trim(), "True", `${allocator}: ${r.stderr}`);
+    }
+    await failsWith(["memory", "size=1M", "allocator=zstd"], /allocator=zstd .*is not supported/);
+    await failsWith(["memory", "size=1M", "allocator=malloc,x=1"], /unknown option 'x=1'/);
+  });
+
   test("nbdkit's size suffixes", async () => {
     for (
       const [size, bytes] of [["4k", 4096], ["2s", 1024], ["1M", 1048576], ["1G", 1073741824], [
