@@ -338,7 +338,7 @@ export const denoRuntime: Runtime = {
     };
   },
 
-  async spawnDetachedSelf(args, env) {
+  async spawnDetachedSelf(args, env, keepStderr = false) {
     const self = denoRuntime.selfCommand();
     // detached: the child leads a new session, as setsid(2) in nbdkit's fork.
     const child = new Deno.Command(self[0], {
@@ -346,9 +346,14 @@ export const denoRuntime: Runtime = {
       env,
       stdin: "null",
       stdout: "piped",
-      stderr: "piped",
+      stderr: keepStderr ? "inherit" : "piped",
       detached: true,
     }).spawn();
+    if (keepStderr) {
+      const line = await readFirstLine(child.stdout);
+      child.unref();
+      return line;
+    }
     const relay = child.stderr.getReader();
     const relaying = (async () => {
       while (true) {

@@ -1067,29 +1067,29 @@ export const nodeRuntime: Runtime = {
     };
   },
 
-  async spawnDetachedSelf(args, env) {
+  async spawnDetachedSelf(args, env, keepStderr = false) {
     // detached: the child leads a new session (setsid(2)), as nbdkit's fork does.
     const [program, ...rest] = nodeRuntime.selfCommand();
     const child = spawn(program, [...rest, ...args], {
       env: { ...process.env, ...env },
-      stdio: ["ignore", "pipe", "pipe"],
+      stdio: ["ignore", "pipe", keepStderr ? "inherit" : "pipe"],
       detached: true,
     });
     const failed = new Promise<never>((_, reject) => child.once("error", reject));
     failed.catch(() => {});
     const out = child.stdout!;
-    const err = child.stderr!;
+    const err = child.stderr;
     // Until the child is ready its messages are ours; after that its stderr
     // must not hold open the stderr of whoever waits on us.
     const relay = (chunk: Buffer) => writeAllSync(2, chunk);
-    err.on("data", relay);
+    err?.on("data", relay);
     try {
       return await Promise.race([firstLineOf(out), failed]);
     } finally {
-      err.off("data", relay);
+      err?.off("data", relay);
       // The parent is about to exit: neither the child nor its pipes may keep
       // the event loop alive.
-      for (const pipe of [out, err]) (pipe as Readable & { unref?: () => void }).unref?.();
+      for (const pipe of [out, err]) (pipe as Readable & { unref?: () => void } | null)?.unref?.();
       child.unref();
     }
   },

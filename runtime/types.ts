@@ -216,9 +216,15 @@ export interface Runtime {
    * /dev/null), with `args`, and resolve once it has written one line on its
    * stdout (which is returned; "" if it exited first). Until then its stderr
    * is relayed to ours; after that its stdout and stderr lead nowhere, so the
-   * caller can exit and whoever waits on our output is not held up.
+   * caller can exit and whoever waits on our output is not held up. With
+   * `keepStderr` (nbdkit's `-v` in the background) it writes to our stderr
+   * itself, before and after, for as long as it runs.
    */
-  spawnDetachedSelf(args: string[], env: Record<string, string>): Promise<string>;
+  spawnDetachedSelf(
+    args: string[],
+    env: Record<string, string>,
+    keepStderr?: boolean,
+  ): Promise<string>;
   /** The argv prefix that starts this program again (runtime binary and script). */
   selfCommand(): string[];
 

@@ -129,8 +129,12 @@ const UNSUPPORTED: Record<string, string> = {
 };
 
 function integer(option: string, text: string, min: number, max: number): number {
-  if (!/^\s*\d+\s*$/.test(text)) throw new UsageError(`${option}: '${text}' is not a number`);
-  const n = Number(text);
+  // Decimal, or hexadecimal with 0x as nbdkit also takes (not its octal:
+  // a leading zero meaning base 8 would surprise more than it would help).
+  if (!/^\s*(\d+|0[xX][0-9a-fA-F]+)\s*$/.test(text)) {
+    throw new UsageError(`${option}: '${text}' is not a number`);
+  }
+  const n = Number(text.trim());
   if (n < min || n > max) throw new UsageError(`${option}: ${n} is out of range (${min}–${max})`);
   return n;
 }

@@ -271,8 +271,9 @@ function tlsOptionGiven(argv: string[]): boolean {
 }
 
 /** Go to the background: start ourselves again in the foreground, detached, and wait until it listens. */
-async function daemonize(argv: string[]): Promise<number> {
-  const line = await runtime.spawnDetachedSelf(["-f", ...argv], { [DAEMON_ENV]: "1" });
+async function daemonize(argv: string[], verbose: boolean): Promise<number> {
+  // As nbdkit: in the background, messages go nowhere unless -v asks for them.
+  const line = await runtime.spawnDetachedSelf(["-f", ...argv], { [DAEMON_ENV]: "1" }, verbose);
   if (!line.startsWith("ready")) return 1;
   const uri = line.slice("ready ".length);
   return uri ? (runtime.writeStdout(`${uri}\n`), 0) : 0;
@@ -400,7 +401,7 @@ export async function main(argv: string[]): Promise<number> {
   // Socket activation implies -f, as with nbdkit: the parent waits on this process.
   const background = !args.foreground && args.run === undefined && !args.single &&
     !args.exitWithParent && !listenFds && runtime.env(DAEMON_ENV) !== "1";
-  if (background) return await daemonize(argv);
+  if (background) return await daemonize(argv, args.verbose);
 
   let privateDir: string | undefined;
   let unixSocket = args.unixSocket;

@@ -26,6 +26,7 @@ describe("command line", () => {
     await failsWith(["memory", "size=1M", "foo=bar"], /unknown parameter 'foo'/);
     await failsWith(["memory", "size=1Q"], /could not parse size: unknown suffix 'Q'/);
     await failsWith(["-p", "http", "null"], /-p: 'http' is not a number/);
+    await failsWith(["-t", "0x1g", "null"], /-t: '0x1g' is not a number/);
     await failsWith(["--filter=cow", "null"], /filters are not supported/);
     await failsWith([], /no plugin given/);
     await failsWith(["-4", "null"], /^nbdkit-ts: -4: not supported; -i 0\.0\.0\.0 listens/);
@@ -70,6 +71,14 @@ describe("command line", () => {
     await failsWith(["memory", "size=1M", "allocator=malloc,x=1"], /unknown option 'x=1'/);
   });
 
+  test("numbers in hexadecimal, as nbdkit takes them: -t 0x10, --mask-handshake=0x3", async () => {
+    const r = await captive(
+      ["-t", "0x10", "--mask-handshake=0x3", "memory", "size=1M"],
+      'nbdinfo --size "$uri"',
+    );
+    assert.equal(r.stdout.trim(), "1048576", r.stderr);
+  });
+
   test("nbdkit's size suffixes", async () => {
     for (
       const [size, bytes] of [["4k", 4096], ["2s", 1024], ["1M", 1048576], ["1G", 1073741824], [
@@ -99,6 +108,26 @@ describe("command line", () => {
       for (let i = 0; i < 100 && existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
       assert.equal(existsSync(sock), false, "socket removed");
       assert.equal(existsSync(pidfile), false, "pidfile removed");
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("in the background, -v keeps the server's messages on our stderr, as nbdkit's", async () => {
+    const { dir, cleanup } = scratch();
+    try {
+      const sock = join(dir, "sock");
+      const pidfile = join(dir, "pid");
+      const log = join(dir, "log");
+      const r = await shAsync(
+        `${ourShell()} -v -U ${sock} -P ${pidfile} memory size=1M 2>${log}; echo "status=$?"
+         nbdinfo --size 'nbd+unix:///?socket=${sock}'
+         kill $(cat ${pidfile}); ${shWaitFor(`! -S ${sock}`)}`,
+      );
+      assert.equal(r.stdout, "status=0\n1048576\n", r.stderr);
+      // The negotiation of nbdinfo's connection, written by the server after
+      // the command that started it had returned.
+      assert.match(readFileSync(log, "utf8"), /nbdkit-ts: memory\[1\]: debug: /);
     } finally {
       cleanup();
     }
