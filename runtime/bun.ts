@@ -341,7 +341,7 @@ export const bunRuntime: Runtime = {
     // The executor turns Bun.listen's synchronous throw (EADDRINUSE …) into a rejection.
     return new Promise((resolve) => {
       const l = Bun.listen({
-        hostname: hostname ?? "0.0.0.0",
+        hostname,
         port,
         allowHalfOpen: true,
         socket: handlers(onConnection, true),

@@ -262,7 +262,7 @@ export const denoRuntime: Runtime = {
   },
 
   listenTcp(hostname, port, onConnection): Promise<Listener> {
-    const listener = Deno.listen({ hostname: hostname ?? "0.0.0.0", port, transport: "tcp" });
+    const listener = Deno.listen({ hostname, port, transport: "tcp" });
     const addr = listener.addr as Deno.NetAddr;
     acceptLoop(listener, onConnection, true);
     return Promise.resolve({
@@ -349,21 +349,17 @@ export const denoRuntime: Runtime = {
       stderr: keepStderr ? "inherit" : "piped",
       detached: true,
     }).spawn();
-    if (keepStderr) {
-      const line = await readFirstLine(child.stdout);
-      child.unref();
-      return line;
-    }
-    const relay = child.stderr.getReader();
+    // With keepStderr the child writes to our stderr itself: nothing to relay.
+    const relay = keepStderr ? null : child.stderr.getReader();
     const relaying = (async () => {
-      while (true) {
+      while (relay) {
         const { value, done } = await relay.read();
         if (done) return;
         Deno.stderr.writeSync(value);
       }
     })().catch(() => {});
     const line = await readFirstLine(child.stdout);
-    await relay.cancel().catch(() => {});
+    await relay?.cancel().catch(() => {});
     await relaying;
     child.unref();
     return line;

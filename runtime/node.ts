@@ -982,7 +982,7 @@ export const nodeRuntime: Runtime = {
       sock.setNoDelay(true);
       onConnection(socketConnection(sock));
     });
-    await listenOn(server, (done) => server.listen({ host: hostname ?? "0.0.0.0", port }, done));
+    await listenOn(server, (done) => server.listen({ host: hostname, port }, done));
     const addr = server.address() as net.AddressInfo;
     return {
       address: { transport: "tcp", hostname: addr.address, port: addr.port },

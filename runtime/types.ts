@@ -188,9 +188,13 @@ export interface Runtime {
    */
   endOnSigusr1(): void;
 
-  /** Listen on TCP; `onConnection` is called for each accepted client. */
+  /**
+   * Listen on TCP at `hostname` (`::` or `0.0.0.0` for every address of one
+   * family: server/serve.ts decides what "every address" means); `onConnection`
+   * is called for each accepted client.
+   */
   listenTcp(
-    hostname: string | undefined,
+    hostname: string,
     port: number,
     onConnection: (conn: Connection) => void,
   ): Promise<Listener>;

@@ -134,7 +134,7 @@ function integer(option: string, text: string, min: number, max: number): number
   if (!/^\s*(\d+|0[xX][0-9a-fA-F]+)\s*$/.test(text)) {
     throw new UsageError(`${option}: '${text}' is not a number`);
   }
-  const n = Number(text.trim());
+  const n = Number(text);
   if (n < min || n > max) throw new UsageError(`${option}: ${n} is out of range (${min}–${max})`);
   return n;
 }

@@ -346,11 +346,10 @@ export async function startServer<H>(
     );
     listeners.push(unix);
   } else if (options.hostname !== undefined) {
+    const { hostname } = options;
     const port = options.port ?? NBD_DEFAULT_PORT;
-    const where = `${options.hostname}:${port}`;
-    listeners.push(
-      await listening(where, where, () => runtime.listenTcp(options.hostname, port, accept)),
-    );
+    const where = `${hostname}:${port}`;
+    listeners.push(await listening(where, where, () => runtime.listenTcp(hostname, port, accept)));
   } else {
     listeners.push(...await listenEverywhere(options.port ?? NBD_DEFAULT_PORT, accept));
   }

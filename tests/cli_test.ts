@@ -5,7 +5,17 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { captive, nbdkitTs, ourShell, ROOT, scratch, sh, shAsync, shWaitFor } from "./helpers.ts";
+import {
+  captive,
+  nbdkitTs,
+  ourShell,
+  ROOT,
+  scratch,
+  sh,
+  shAsync,
+  shWaitFor,
+  withScratch,
+} from "./helpers.ts";
 import { freePort } from "./libvirt_env.ts";
 
 /** Exit status 1 and exactly one line on stderr that contains `pattern`. */
@@ -114,8 +124,7 @@ describe("command line", () => {
   });
 
   test("in the background, -v keeps the server's messages on our stderr, as nbdkit's", async () => {
-    const { dir, cleanup } = scratch();
-    try {
+    await withScratch(async (dir) => {
       const sock = join(dir, "sock");
       const pidfile = join(dir, "pid");
       const log = join(dir, "log");
@@ -128,9 +137,7 @@ describe("command line", () => {
       // The negotiation of nbdinfo's connection, written by the server after
       // the command that started it had returned.
       assert.match(readFileSync(log, "utf8"), /nbdkit-ts: memory\[1\]: debug: /);
-    } finally {
-      cleanup();
-    }
+    });
   });
 
   test("--print-uri, -p and -i: TCP on loopback", async () => {
@@ -222,8 +229,7 @@ except nbd.Error:
   });
 
   test("SIGUSR1 ends the server as it ends nbdkit, and opens no debugger; SIGQUIT stops it", async () => {
-    const { dir, cleanup } = scratch();
-    try {
+    await withScratch(async (dir) => {
       const sock = join(dir, "sock");
       // Deno and Node start an inspector on 127.0.0.1:9229 on SIGUSR1; Deno
       // installs that handler half a second after start-up, so the signal
@@ -248,9 +254,7 @@ except nbd.Error:
          wait $pid; echo "status=$?"; test -S ${sock2} || echo removed`,
       );
       assert.equal(quit.stdout, "status=0\nremoved\n", quit.stderr);
-    } finally {
-      cleanup();
-    }
+    });
   });
 
   test("a second SIGTERM stops a server that waits for a streaming reader", async () => {

@@ -184,6 +184,16 @@ export function scratch(): { dir: string; cleanup: () => void } {
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
+/** Run `body` with a fresh scratch folder of its own, removed afterwards. */
+export async function withScratch(body: (dir: string) => Promise<void>): Promise<void> {
+  const { dir, cleanup } = scratch();
+  try {
+    await body(dir);
+  } finally {
+    cleanup();
+  }
+}
+
 /** Throw unless `tool` is on the PATH: a missing client is a failure, not a skip. */
 export function requireTool(tool: string): void {
   const r = sh(`command -v ${shQuote(tool)}`);

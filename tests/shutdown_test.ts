@@ -19,7 +19,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { CLIENT_ENV, ourCommand, requireTool, run, scratch } from "./helpers.ts";
+import { CLIENT_ENV, ourCommand, requireTool, run, scratch, withScratch } from "./helpers.ts";
 import { RawClient } from "./raw_client.ts";
 import {
   CHAOS_PLUGIN,
@@ -231,16 +231,6 @@ const PY_ERRNO = `def errno(f):
 function assertCleanStderr(stderr: string): void {
   for (const line of stderr.split("\n")) {
     if (line !== "") assert.match(line, /^nbdkit-ts: (\w+\[\d+\]: )?(error|debug): \S/, line);
-  }
-}
-
-/** Run `body` with a fresh scratch folder of its own, removed afterwards. */
-async function withScratch(body: (dir: string) => Promise<void>): Promise<void> {
-  const { dir, cleanup } = scratch();
-  try {
-    await body(dir);
-  } finally {
-    cleanup();
   }
 }
 
