@@ -1,9 +1,16 @@
 /**
  * `file FILE` (or `file=FILE`): serve a file or block device, as nbdkit's
- * file plugin does.
+ * file plugin does; `file dir=DIRECTORY`: serve the files of a directory,
+ * each an export named by its file name.
  *
- * Parameters:
- * - `[file=]FILENAME` (required): the file or block device.
+ * Parameters (`file=` or `dir=`, not both):
+ * - `[file=]FILENAME`: the file or block device. The export name the client
+ *   asks for is ignored.
+ * - `dir=DIRECTORY`: every regular file and block device directly in
+ *   DIRECTORY (symbolic links followed) is an export, listed by
+ *   `NBD_OPT_LIST` in name order and read again at each listing, so files
+ *   added later are served. The client must name one: the default export
+ *   (`""`) and names with a `/` are refused, as in nbdkit.
  * - `cache=default|none`: with `none`, what was read is dropped from the
  *   page cache at once, and what was written eight writes later, once it is
  *   written back (`posix_fadvise(POSIX_FADV_DONTNEED)` drops clean pages
@@ -84,6 +91,27 @@ function nbdError(err: unknown, context?: string): NbdError {
 }
 
 /**
+ * The file of DIR an export name stands for, refused unless it is a regular
+ * file or block device directly in DIR.
+ */
+async function fileInDir(dir: string, name: string): Promise<string> {
+  if (name === "") {
+    throw new NbdError(
+      "EINVAL",
+      `no export name: this server serves the files of ${dir}; ask for one by name (nbdinfo --list shows them)`,
+    );
+  }
+  if (name.includes("/")) throw new NbdError("EINVAL", `export name cannot contain '/': ${name}`);
+  const target = `${dir}/${name}`;
+  const info = await runtime.stat(target).catch(() => null);
+  if (info === null) throw new NbdError("EINVAL", `${target}: No such file or directory`);
+  if (info.kind !== "file" && info.kind !== "block") {
+    throw new NbdError("EINVAL", `${target}: is not a regular file or block device`);
+  }
+  return target;
+}
+
+/**
  * Create a file plugin.
  *
  * @returns A fresh, unconfigured plugin.
@@ -99,6 +127,7 @@ function nbdError(err: unknown, context?: string): NbdError {
  */
 export function createFilePlugin(): Plugin<Handle> {
   let path: string | undefined;
+  let dir: string | undefined;
   let cache: CacheMode = "default";
   let fadvise: Fadvise = "normal";
 
@@ -143,7 +172,8 @@ export function createFilePlugin(): Plugin<Handle> {
     longname: "nbdkit-ts file plugin",
     version: VERSION,
     magicConfigKey: "file",
-    configHelp: "[file=]<FILENAME>     (required) The filename to serve.\n" +
+    configHelp: "[file=]<FILENAME>     The filename to serve.\n" +
+      "dir=<DIRNAME>         The directory whose files are served (one export each).\n" +
       "cache=<MODE>          Set use of caching (default, none).\n" +
       "fadvise=<LEVEL>       Set fadvise hint (normal, random, sequential).",
     threadModel: "parallel",
@@ -151,6 +181,7 @@ export function createFilePlugin(): Plugin<Handle> {
 
     config(key, value) {
       if (key === "file") path = runtime.resolvePath(value);
+      else if (key === "dir") dir = runtime.resolvePath(value);
       else if (key === "cache") {
         if (value !== "default" && value !== "none") {
           throw new Error(`unknown cache mode: ${value}`);
@@ -165,7 +196,18 @@ export function createFilePlugin(): Plugin<Handle> {
     },
 
     async configComplete() {
-      if (path === undefined) throw new Error("you must supply the file=<FILENAME> parameter");
+      if (path !== undefined && dir !== undefined) {
+        throw new Error("file= and dir= cannot be used at the same time");
+      }
+      if (dir !== undefined) {
+        const info = await runtime.stat(dir);
+        if (info === null) throw new Error(`${dir}: No such file or directory`);
+        if (info.kind !== "directory") throw new Error(`${dir}: is not a directory`);
+        return;
+      }
+      if (path === undefined) {
+        throw new Error("you must supply either [file=]<FILENAME> or dir=<DIRNAME>");
+      }
       const info = await runtime.stat(path);
       if (info === null) throw new Error(`${path}: No such file or directory`);
       if (info.kind !== "file" && info.kind !== "block") {
@@ -173,18 +215,29 @@ export function createFilePlugin(): Plugin<Handle> {
       }
     },
 
-    async open({ readonly }) {
+    async listExports() {
+      if (dir === undefined) return null;
+      const names = (await runtime.readDir(dir)).sort();
+      const kinds = await Promise.all(
+        names.map((name) => runtime.stat(`${dir}/${name}`).catch(() => null)),
+      );
+      return names.filter((_, i) => kinds[i]?.kind === "file" || kinds[i]?.kind === "block")
+        .map((name) => ({ name }));
+    },
+
+    async open({ readonly, exportName }) {
+      const target = dir === undefined ? path! : await fileInDir(dir, exportName);
       let writable = !readonly;
       let file: RandomAccessFile;
       try {
-        file = await runtime.openFile(path!, { write: writable }).catch((err) => {
+        file = await runtime.openFile(target, { write: writable }).catch((err) => {
           // As nbdkit: a file we may read but not write is served read-only.
           if (!writable || !READ_ONLY_CAUSES.has(codeOf(err) ?? "")) throw err;
           writable = false;
-          return runtime.openFile(path!, { write: false });
+          return runtime.openFile(target, { write: false });
         });
       } catch (err) {
-        throw nbdError(err, `open: ${path}`);
+        throw nbdError(err, `open: ${target}`);
       }
       try {
         if (fadvise !== "normal") await file.advise?.(0, 0, fadvise).catch(() => {});
@@ -204,7 +257,7 @@ export function createFilePlugin(): Plugin<Handle> {
         };
       } catch (err) {
         await file.close();
-        throw nbdError(err, `open: ${path}`);
+        throw nbdError(err, `open: ${target}`);
       }
     },
 

@@ -388,8 +388,12 @@ export interface Plugin<H = unknown> {
   /** Release global resources when the server stops (drain, close files). */
   unload?(): Awaitable<void>;
 
-  /** The exports `NBD_OPT_LIST` reports; a single default export when absent. */
-  listExports?(ctx: ListContext): Awaitable<ExportInfo[]>;
+  /**
+   * The exports `NBD_OPT_LIST` reports. When absent, or when it returns
+   * null (as nbdkit's `nbdkit_use_default_export`, for a plugin that lists
+   * exports in one mode only), the list is the server's one default export.
+   */
+  listExports?(ctx: ListContext): Awaitable<ExportInfo[] | null>;
   /** The canonical name of the default export "". */
   defaultExport?(ctx: ListContext): Awaitable<string>;
 

@@ -30,6 +30,7 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_PLATFORM,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_UNKNOWN,
@@ -40,6 +41,7 @@ import {
 } from "./constants.ts";
 import { optionName } from "./names.ts";
 import type { ExportProvider, ExportSession } from "./session.ts";
+import type { ExportInfo } from "../plugins/plugin.ts";
 import { concat, optionReply, ProtocolError, u16, u32, u64, utf8 } from "./wire.ts";
 import { messageOf } from "../plugins/errors.ts";
 
@@ -267,7 +269,20 @@ export async function handshake(
 
         case NBD_OPT_LIST: {
           if (length !== 0) throw new InvalidOption("NBD_OPT_LIST: payload must be empty");
-          for (const exp of await provider.listExports(tls)) {
+          let exports: ExportInfo[];
+          try {
+            exports = await provider.listExports(tls);
+          } catch (err) {
+            // As nbdkit: the list could not be made here (a directory gone, say).
+            options.error(`NBD_OPT_LIST: cannot list exports: ${messageOf(err)}`);
+            await reply(
+              option,
+              NBD_REP_ERR_PLATFORM,
+              utf8(messageOf(err).slice(0, NBD_MAX_STRING)),
+            );
+            break;
+          }
+          for (const exp of exports) {
             const nameBytes = utf8(exp.name);
             await reply(
               option,

@@ -380,6 +380,12 @@ export const denoRuntime: Runtime = {
     }
   },
 
+  async readDir(path) {
+    const names: string[] = [];
+    for await (const entry of Deno.readDir(path)) names.push(entry.name);
+    return names;
+  },
+
   openFile: (path, { write }) => openDenoFile(path, write),
 
   async mkfifo(path) {

@@ -1114,6 +1114,8 @@ export const nodeRuntime: Runtime = {
     }
   },
 
+  readDir: (path) => fsp.readdir(path),
+
   openFile: (path, { write }) => openNodeFile(path, write, koffiFileSyscalls),
 
   async mkfifo(path) {

@@ -234,6 +234,8 @@ export interface Runtime {
 
   /** Information about a path, or null when it does not exist. */
   stat(path: string): Promise<FileInfo | null>;
+  /** The names of a directory's entries (not `.` and `..`), in no particular order. */
+  readDir(path: string): Promise<string[]>;
   /** Open a file for random access. */
   openFile(path: string, options: { write: boolean }): Promise<RandomAccessFile>;
   /** Create a FIFO (mode 0600). */

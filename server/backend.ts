@@ -309,10 +309,8 @@ export function pluginProvider<H>(
 ): ExportProvider {
   return {
     async listExports(tls: boolean): Promise<ExportInfo[]> {
-      if (plugin.listExports) {
-        return await plugin.listExports({ readonly: options.readonly, tls });
-      }
-      return [{ name: options.exportName }];
+      const listed = await plugin.listExports?.({ readonly: options.readonly, tls });
+      return listed ?? [{ name: options.exportName }];
     },
 
     async open(name: string, tls: boolean): Promise<ExportSession> {

@@ -345,6 +345,82 @@ describe("file plugin", () => {
     }
   });
 
+  test("dir= serves each file of a directory as an export, as nbdkit's does", async () => {
+    const d = join(dir, "exports");
+    ok(`mkdir ${d} ${d}/sub && mkfifo ${d}/fifo && ln -s nowhere ${d}/broken`);
+    ok(`head -c 1M /dev/urandom > ${d}/a.img && ln -s a.img ${d}/link`);
+    sparseFile(join(d, "b.img"), 3, [1]);
+    const list = (json: string) =>
+      (JSON.parse(json).exports as Record<string, unknown>[])
+        .map((e) => `${e["export-name"]} ${e["export-size"]} ${e.is_read_only}`).sort();
+    const listing = 'nbdinfo --list --json "$uri"';
+    const mine = await ours([`dir=${d}`], listing);
+    assert.deepEqual(list(mine), [
+      "a.img 1048576 false",
+      "b.img 3145728 false",
+      "link 1048576 false",
+    ]);
+    assert.deepEqual(list(mine), list(nbdkit([`dir=${d}`], listing)));
+    // In name order (nbdkit's is readdir's).
+    assert.deepEqual(
+      JSON.parse(mine).exports.map((e: Record<string, string>) => e["export-name"]),
+      [
+        "a.img",
+        "b.img",
+        "link",
+      ],
+    );
+
+    // One server: the bytes of each export, a write through the link, a file
+    // added while it runs, and refused names that leave it serving.
+    const at = (name: string) => `"nbd+unix:///${name}?socket=$unixsocket"`;
+    const before = sha256(join(d, "b.img"));
+    const py = "h.pwrite(b'\\x5a' * 4096, 8192); h.flush()";
+    const refused = ["sub", "fifo", "broken", "sub%2Fa.img", "missing"]
+      .map((name) => `nbdinfo ${at(name)} >/dev/null 2>&1 && echo served ${name}`).join("; ");
+    const script = `nbdcopy ${at("b.img")} - | sha256sum; ` +
+      `nbdsh -u ${at("link")} -c ${shQuote(py)}; ` +
+      `head -c 4k /dev/urandom > ${d}/late.img; nbdinfo --list "$uri" | grep -c '^export='; ` +
+      `nbdinfo "$uri" >/dev/null 2>&1 && echo served default; ${refused}; ` +
+      `nbdcopy ${at("late.img")} - | sha256sum`;
+    const [cmd, ...pre] = ourCommand();
+    const r = await run([cmd, ...pre, "-U", "-", "file", `dir=${d}`, "--run", script]);
+    assert.equal(r.status, 0, r.stderr);
+    const lines = r.stdout.trim().split("\n");
+    assert.equal(lines[0].split(" ")[0], before);
+    assert.equal(lines[1], "4");
+    assert.equal(lines[2].split(" ")[0], sha256(join(d, "late.img")));
+    assert.equal(lines.length, 3, r.stdout);
+    const bytes = readFileSync(join(d, "a.img")).subarray(8192, 8192 + 4096);
+    assert.ok(bytes.every((b) => b === 0x5a));
+    // The default export is refused with a hint; '/' in a name is refused.
+    assert.match(r.stderr, /no export name: this server serves the files of .*nbdinfo --list/);
+    assert.match(r.stderr, /export name cannot contain '\/': sub\/a\.img/);
+    assert.match(r.stderr, /sub: is not a regular file or block device/);
+
+    // The directory gone: LIST is refused (NBD_REP_ERR_PLATFORM, as nbdkit),
+    // the server carries on and lists it again once it is back.
+    const gone = `mv ${d} ${d}.gone; nbdinfo --list "$uri" >/dev/null 2>&1 && echo listed; ` +
+      `mv ${d}.gone ${d}; nbdinfo --list "$uri" | grep -c '^export='`;
+    const g = await run([cmd, ...pre, "-U", "-", "file", `dir=${d}`, "--run", gone]);
+    assert.equal(g.status, 0, g.stderr);
+    assert.equal(g.stdout.trim(), "4");
+    assert.match(g.stderr, /^nbdkit-ts: file\[\d+\]: error: NBD_OPT_LIST: cannot list exports: /m);
+
+    for (
+      const [args, message] of [
+        [[`dir=${d}`, join(d, "a.img")], "file= and dir= cannot be used at the same time"],
+        [[], "you must supply either [file=]<FILENAME> or dir=<DIRNAME>"],
+        [[`dir=${d}/a.img`], `${d}/a.img: is not a directory`],
+      ] as const
+    ) {
+      const c = await captive(["file", ...args], "true");
+      assert.equal(c.status, 1);
+      assert.equal(c.stderr.trim(), `nbdkit-ts: error: ${message}`);
+      assert.equal(sh(`nbdkit -U - file ${args.map(shQuote).join(" ")} --run true`).status, 1);
+    }
+  });
+
   test("without FFI: no TRIM, zeroes written, all data, same bytes", async (t) => {
     if (noFfi === null) {
       t.skip(`${RUNTIME} always has FFI`);

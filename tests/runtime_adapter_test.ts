@@ -416,7 +416,7 @@ test("spawnShell: exit status, signals, kill, environment", async () => {
   assert.deepEqual(await env.status, { code: 0, signal: null });
 });
 
-test("stat kinds", async () => {
+test("stat kinds and directory listings", async () => {
   const { dir, cleanup } = scratch();
   try {
     await runtime.writeTextFile(`${dir}/file`, "hello");
@@ -428,6 +428,8 @@ test("stat kinds", async () => {
     assert.equal((await runtime.stat(`${dir}/sock`))?.kind, "socket");
     assert.equal((await runtime.stat("/dev/null"))?.kind, "char");
     assert.equal(await runtime.stat(`${dir}/missing`), null);
+    assert.deepEqual((await runtime.readDir(dir)).sort(), ["fifo", "file", "sock"]);
+    await assert.rejects(runtime.readDir(`${dir}/missing`));
     await runtime.removeFile(`${dir}/file`);
     await runtime.removeFile(`${dir}/file`);
     assert.equal(await runtime.stat(`${dir}/file`), null);
