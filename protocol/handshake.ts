@@ -39,7 +39,7 @@ import {
   NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
 } from "./constants.ts";
-import { optionName } from "./names.ts";
+import { optionName, replyName } from "./names.ts";
 import type { ExportProvider, ExportSession } from "./session.ts";
 import type { ExportInfo } from "../plugins/plugin.ts";
 import { concat, optionReply, ProtocolError, u16, u32, u64, utf8 } from "./wire.ts";
@@ -177,6 +177,7 @@ export async function handshake(
   const globalFlags = options.handshakeFlags & (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
   gv.setUint16(16, globalFlags);
   await writer.write(greeting);
+  options.debug(`newstyle negotiation: flags: global 0x${globalFlags.toString(16)}`);
 
   const cflagsBytes = await reader.read(4);
   const cflags = new DataView(cflagsBytes.buffer, cflagsBytes.byteOffset, 4).getUint32(0);
@@ -188,13 +189,22 @@ export async function handshake(
     throw new ProtocolError(`client sent handshake flags 0x${cflags.toString(16)} not offered`);
   }
   const noZeroes = (cflags & NBD_FLAG_C_NO_ZEROES) !== 0;
+  options.debug(`newstyle negotiation: client flags: 0x${cflags.toString(16)}`);
 
   let structured = false;
   let metaExport: string | null = null; // export name base:allocation was set for
   let tls = false;
 
-  const reply = (option: number, type: number, data?: Uint8Array) =>
-    writer.write(optionReply(option, type, data));
+  const reply = (option: number, type: number, data?: Uint8Array) => {
+    // As nbdkit's -v: the replies that end an option (the lists' entries are not).
+    if (type === NBD_REP_ACK || type >= NBD_REP_ERR_UNSUP) {
+      options.debug(`replying to ${optionName(option)} with ${replyName(type)}`);
+    }
+    return writer.write(optionReply(option, type, data));
+  };
+  /** The export flags, as `-v` shows them. */
+  const exportFlags = (flags: number) =>
+    options.debug(`newstyle negotiation: flags: export 0x${flags.toString(16)}`);
 
   for (let count = 0;; count++) {
     if (count >= MAX_OPTIONS) {
@@ -214,7 +224,7 @@ export async function handshake(
     }
     const data = length > 0 ? await reader.read(length) : new Uint8Array(0);
     const name = optionName(option);
-    options.debug(`newstyle negotiation: ${name}`);
+    options.debug(`newstyle negotiation: ${name}${length > 0 ? ` (${length} bytes)` : ""}`);
 
     if (options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
       if (option === NBD_OPT_EXPORT_NAME) {
@@ -231,6 +241,7 @@ export async function handshake(
           if (exportName === null) {
             throw new ProtocolError("client sent an invalid or too long export name");
           }
+          options.debug(`newstyle negotiation: ${name}: client requested export '${exportName}'`);
           let session: ExportSession;
           try {
             session = await provider.open(exportName, tls);
@@ -239,6 +250,7 @@ export async function handshake(
             throw new ProtocolError(`cannot open export "${exportName}": ${messageOf(err)}`);
           }
           const flags = session.flags | (structured ? NBD_FLAG_SEND_DF : 0);
+          exportFlags(flags);
           try {
             await writer.write(
               concat(
@@ -323,6 +335,7 @@ export async function handshake(
           }
           const wanted = new Set<number>();
           for (let i = 0; i < nInfos; i++) wanted.add(p.u16()!);
+          options.debug(`newstyle negotiation: ${name}: client requested export '${exportName}'`);
           let session: ExportSession;
           try {
             session = await provider.open(exportName, tls);
@@ -333,6 +346,7 @@ export async function handshake(
           }
           try {
             const flags = session.flags | (structured ? NBD_FLAG_SEND_DF : 0);
+            exportFlags(flags);
             await reply(
               option,
               NBD_REP_INFO,
@@ -381,6 +395,7 @@ export async function handshake(
             throw new InvalidOption("NBD_OPT_STRUCTURED_REPLY: payload must be empty");
           }
           structured = true;
+          options.debug(`newstyle negotiation: ${name}: client requested structured replies`);
           await reply(option, NBD_REP_ACK);
           break;
 
@@ -406,12 +421,17 @@ export async function handshake(
             queries.push(q);
           }
           if (p.left !== 0) throw new InvalidOption(`${name}: trailing bytes`);
+          options.debug(
+            `newstyle negotiation: ${name}: client requested export '${exportName}', ` +
+              `queries: ${queries.length === 0 ? "none" : queries.join(", ")}`,
+          );
           const list = option === NBD_OPT_LIST_META_CONTEXT;
           const matches = list && nQueries === 0
             ? true
             : queries.some((q) => q === BASE_ALLOCATION || (list && q === "base:"));
           if (!list) metaExport = matches ? exportName : null;
           if (matches) {
+            options.debug(`newstyle negotiation: ${name}: replying with ${BASE_ALLOCATION}`);
             await reply(
               option,
               NBD_REP_META_CONTEXT,

@@ -18,6 +18,23 @@ const OPTIONS: Record<number, string> = {
   11: "NBD_OPT_EXTENDED_HEADERS",
 };
 
+const ERR = 0x80000000;
+const REPLIES: Record<number, string> = {
+  1: "NBD_REP_ACK",
+  2: "NBD_REP_SERVER",
+  3: "NBD_REP_INFO",
+  4: "NBD_REP_META_CONTEXT",
+  [ERR + 1]: "NBD_REP_ERR_UNSUP",
+  [ERR + 2]: "NBD_REP_ERR_POLICY",
+  [ERR + 3]: "NBD_REP_ERR_INVALID",
+  [ERR + 4]: "NBD_REP_ERR_PLATFORM",
+  [ERR + 5]: "NBD_REP_ERR_TLS_REQD",
+  [ERR + 6]: "NBD_REP_ERR_UNKNOWN",
+  [ERR + 7]: "NBD_REP_ERR_SHUTDOWN",
+  [ERR + 8]: "NBD_REP_ERR_BLOCK_SIZE_REQD",
+  [ERR + 9]: "NBD_REP_ERR_TOO_BIG",
+};
+
 const COMMANDS: Record<number, string> = {
   0: "NBD_CMD_READ",
   1: "NBD_CMD_WRITE",
@@ -38,6 +55,16 @@ const COMMANDS: Record<number, string> = {
  */
 export function optionName(option: number): string {
   return OPTIONS[option] ?? `unknown option ${option}`;
+}
+
+/**
+ * The name of an option reply type.
+ *
+ * @param type The reply type.
+ * @returns Its `NBD_REP_*` name, or "unknown reply N".
+ */
+export function replyName(type: number): string {
+  return REPLIES[type] ?? `unknown reply ${type}`;
 }
 
 /**

@@ -34,6 +34,9 @@ import type {
   WriteFlags,
 } from "../plugins/plugin.ts";
 import { Mutex } from "./mutex.ts";
+import { tracedSession } from "./trace.ts";
+
+const bit = (on: boolean) => (on ? 1 : 0);
 
 /** Server-wide settings the backend needs. */
 export interface BackendOptions {
@@ -300,15 +303,19 @@ class PluginSession<H> implements ExportSession {
  * @param plugin The configured, ready plugin.
  * @param options Server settings.
  * @param connection The connection's number (for the plugin's messages).
+ * @param trace With `-v`: where each call of the plugin is logged.
  * @returns The provider the handshake uses.
  */
 export function pluginProvider<H>(
   plugin: Plugin<H>,
   options: BackendOptions,
   connection: number,
+  trace?: (message: string) => void,
 ): ExportProvider {
+  const ro = bit(options.readonly);
   return {
     async listExports(tls: boolean): Promise<ExportInfo[]> {
+      trace?.(`list_exports readonly=${ro} tls=${bit(tls)}`);
       const listed = await plugin.listExports?.({ readonly: options.readonly, tls });
       return listed ?? [{ name: options.exportName }];
     },
@@ -317,7 +324,9 @@ export function pluginProvider<H>(
       let canonical = name;
       if (name === "" && plugin.defaultExport) {
         canonical = await plugin.defaultExport({ readonly: options.readonly, tls });
+        trace?.(`default_export readonly=${ro} tls=${bit(tls)}: "${canonical}"`);
       }
+      trace?.(`open readonly=${ro} exportname="${canonical}" tls=${bit(tls)}`);
       const h = await plugin.open({
         readonly: options.readonly,
         exportName: canonical,
@@ -333,7 +342,8 @@ export function pluginProvider<H>(
           ? await plugin.exportDescription(h)
           : undefined;
         const blockSize = plugin.blockSize ? await plugin.blockSize(h) : undefined;
-        return new PluginSession(plugin, h, canonical, size, caps, description, blockSize);
+        const session = new PluginSession(plugin, h, canonical, size, caps, description, blockSize);
+        return trace ? tracedSession(session, trace) : session;
       } catch (err) {
         if (plugin.close) await plugin.close(h);
         throw err;

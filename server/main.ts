@@ -65,7 +65,7 @@ Options:
   --no-mc                 Do not offer metadata contexts (block status).
   --mask-handshake=MASK   Advertise only these global handshake flags.
   --print-uri             Print the server's URI on stdout once listening.
-  -v, --verbose           Debug messages on stderr.
+  -v, --verbose           Debug messages on stderr (each option and request).
   --log=stderr|null       Where messages go (default stderr).
   --timeout=SECS          Drop clients that have not finished the handshake (default 60).
   --tls=off|on|require    TLS refused / offered / required (STARTTLS). Without --tls:
@@ -230,6 +230,7 @@ function dumpConfig(): string {
 }
 
 async function configure(plugin: Plugin<unknown>, args: CliArgs): Promise<void> {
+  const log = new Logger();
   for (const { key, value } of args.params) {
     let k = key;
     if (k === null) {
@@ -241,9 +242,12 @@ async function configure(plugin: Plugin<unknown>, args: CliArgs): Promise<void> 
       k = plugin.magicConfigKey;
     }
     if (!plugin.config) throw new Error(`unknown parameter '${k}'`);
+    log.debug(`${plugin.name}: config key=${k}, value=${value}`);
     await plugin.config(k, value);
   }
+  log.debug(`${plugin.name}: config_complete`);
   await plugin.configComplete?.();
+  log.debug(`using thread model: ${plugin.threadModel ?? "parallel"}`);
 }
 
 function checkCombinations(args: CliArgs): void {
@@ -360,13 +364,6 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
 
-  try {
-    await configure(plugin, args);
-  } catch (err) {
-    say(`error: ${messageOf(err)}`);
-    return 1;
-  }
-
   let activation: Activation;
   try {
     activation = socketActivation(
@@ -377,11 +374,6 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     say(`error: ${messageOf(err)}`);
     return 1;
-  }
-  if (activation.kind === "not-ours") {
-    new Logger("nbdkit-ts").debug(
-      `LISTEN_PID=${activation.pid} is not ours: socket activation ignored`,
-    );
   }
   const listenFds = activation.kind === "fds" ? activation.fds : undefined;
   if (listenFds) {
@@ -401,6 +393,20 @@ export async function main(argv: string[]): Promise<number> {
   // Socket activation implies -f, as with nbdkit: the parent waits on this process.
   const background = !args.foreground && args.run === undefined && !args.single &&
     !args.exitWithParent && !listenFds && runtime.env(DAEMON_ENV) !== "1";
+  // The server in the background says all this again, so this process stays quiet.
+  if (background) logConfig.verbose = false;
+  const log = new Logger();
+  log.debug(versionLine.trim());
+  log.debug(`loaded plugin ${args.plugin} (name ${plugin.name})`);
+  if (activation.kind === "not-ours") {
+    log.debug(`LISTEN_PID=${activation.pid} is not ours: socket activation ignored`);
+  }
+  try {
+    await configure(plugin, args);
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
   if (background) return await daemonize(argv, args.verbose);
 
   let privateDir: string | undefined;

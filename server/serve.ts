@@ -17,7 +17,7 @@ import type { Plugin } from "../plugins/plugin.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";
 import { pluginProvider } from "./backend.ts";
-import { Logger } from "./log.ts";
+import { logConfig, Logger } from "./log.ts";
 import { osMessage } from "./os_message.ts";
 import { Mutex } from "./mutex.ts";
 import { type TlsConfig, tlsUpgrade } from "./tls.ts";
@@ -184,8 +184,9 @@ export async function startServer<H>(
   plugin: Plugin<H>,
   options: ServeOptions = {},
 ): Promise<Server> {
-  await plugin.getReady?.();
   const log = new Logger();
+  log.debug(`${plugin.name}: get_ready`);
+  await plugin.getReady?.();
   /**
    * A client. `stop` ends its reading (the transmission loop then finishes
    * what is in flight); STARTTLS changes `stop` and sets `secure`.
@@ -220,6 +221,8 @@ export async function startServer<H>(
     const { conn } = entry;
     const id = ++counter;
     const clog = new Logger(`${plugin.name}[${id}]`);
+    const traceTo = (m: string) => clog.debug(m);
+    clog.debug("accepted connection");
     const release = plugin.threadModel === "serialize_connections"
       ? await connectionLock.acquire()
       : null;
@@ -240,7 +243,7 @@ export async function startServer<H>(
       const negotiated = await handshake(
         reader,
         writer,
-        pluginProvider(plugin, backendOptions, id),
+        pluginProvider(plugin, backendOptions, id, logConfig.verbose ? traceTo : undefined),
         {
           structuredReplies: options.structuredReplies ?? true,
           metaContexts: options.metaContexts ?? true,
@@ -274,10 +277,12 @@ export async function startServer<H>(
       entry.stop = () => Promise.resolve();
       session = negotiated.session;
       writer = negotiated.writer;
+      const inFlight = plugin.threadModel === "serialize_requests" ? 1 : options.threads ?? 16;
+      clog.debug(`handshake complete, serving requests with up to ${inFlight} in flight`);
       await transmission(negotiated.reader, negotiated.writer, session, {
         structured: negotiated.structured,
         baseAllocation: negotiated.baseAllocation,
-        maxInFlight: plugin.threadModel === "serialize_requests" ? 1 : options.threads ?? 16,
+        maxInFlight: inFlight,
         error: (m) => clog.error(m),
         debug: (m) => clog.debug(m),
         shuttingDown: () => shuttingDown,
@@ -354,6 +359,18 @@ export async function startServer<H>(
     listeners.push(...await listenEverywhere(options.port ?? NBD_DEFAULT_PORT, accept));
   }
 
+  for (const { address: a } of listeners) {
+    log.debug(
+      a.transport === "unix"
+        ? `bound to unix socket ${a.path}`
+        : a.transport === "tcp"
+        ? `bound to IP address ${
+          a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname
+        }:${a.port}`
+        : `serving the inherited socket ${a.fd}`,
+    );
+  }
+
   let closing: Promise<void> | null = null;
   const close = (): Promise<void> => {
     closing ??= (async () => {
@@ -364,6 +381,7 @@ export async function startServer<H>(
       // finish what is in flight and answer later requests with ESHUTDOWN.
       await Promise.all([...active].map((e) => e.stop()));
       await Promise.all([...active].map((e) => e.done));
+      log.debug(`${plugin.name}: unload`);
       try {
         await plugin.unload?.();
       } catch (err) {

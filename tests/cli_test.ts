@@ -13,6 +13,7 @@ import {
   scratch,
   sh,
   shAsync,
+  shQuote,
   shWaitFor,
   withScratch,
 } from "./helpers.ts";
@@ -136,8 +137,53 @@ describe("command line", () => {
       assert.equal(r.stdout, "status=0\n1048576\n", r.stderr);
       // The negotiation of nbdinfo's connection, written by the server after
       // the command that started it had returned.
-      assert.match(readFileSync(log, "utf8"), /nbdkit-ts: memory\[1\]: debug: /);
+      const text = readFileSync(log, "utf8");
+      assert.match(text, /nbdkit-ts: memory\[1\]: debug: /);
+      // Said once, by the server in the background, not also by its parent.
+      assert.equal(text.split("debug: memory: config key=size, value=1M").length, 2, text);
     });
+  });
+
+  test("-v logs start-up, negotiation and each request in nbdkit's words", async () => {
+    const py = "h.pread(512, 0); h.pwrite(b'x' * 512, 4096, nbd.CMD_FLAG_FUA); h.flush(); " +
+      "h.zero(8192, 0); h.trim(4096, 65536); h.cache(1024, 0); " +
+      "h.block_status(65536, 0, lambda *a: 0)";
+    const script = `nbdsh --base-allocation -u "$uri" -c ${shQuote(py)}`;
+    const mine = await captive(["-v", "memory", "size=1M"], script);
+    assert.equal(mine.status, 0, mine.stderr);
+    const theirs = sh(`nbdkit -v -U - memory size=1M --run ${shQuote(script)}`);
+    assert.equal(theirs.status, 0, theirs.stderr);
+    // The request lines, each as nbdkit's (which name the plugin again).
+    const requests = (stderr: string) =>
+      stderr.split("\n").map((l) =>
+        l.match(/debug: (?:memory: )?((?:pread|pwrite|flush|zero|trim|cache|extents)\b.*)/)?.[1]
+      )
+        .filter((l) => l !== undefined);
+    assert.deepEqual(requests(mine.stderr), [
+      "pread count=512 offset=0",
+      "pwrite count=512 offset=4096 fua=1",
+      "flush",
+      "zero count=8192 offset=0 may_trim=1 fua=0 fast=0",
+      "trim count=4096 offset=65536 fua=0",
+      "cache count=1024 offset=0",
+      "extents count=65536 offset=0 req_one=0",
+    ]);
+    assert.deepEqual(requests(mine.stderr), requests(theirs.stderr));
+    for (
+      const line of [
+        "nbdkit-ts: debug: memory: config key=size, value=1M",
+        "nbdkit-ts: debug: using thread model: parallel",
+        "nbdkit-ts: memory[1]: debug: newstyle negotiation: client flags: 0x3",
+        'nbdkit-ts: memory[1]: debug: open readonly=0 exportname="" tls=0',
+        "nbdkit-ts: memory[1]: debug: newstyle negotiation: flags: export 0xded",
+        "nbdkit-ts: memory[1]: debug: replying to NBD_OPT_GO with NBD_REP_ACK",
+        "nbdkit-ts: memory[1]: debug: close",
+        "nbdkit-ts: debug: memory: unload",
+      ]
+    ) assert.ok(mine.stderr.includes(`${line}\n`), `${line} in:\n${mine.stderr}`);
+    // nbdkit's export flags for the same plugin, the same bits.
+    assert.match(theirs.stderr, /newstyle negotiation: flags: export 0xded\n/);
+    assert.match(mine.stderr, /bound to unix socket \/.*\/socket\n/);
   });
 
   test("--print-uri, -p and -i: TCP on loopback", async () => {
