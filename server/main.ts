@@ -416,37 +416,16 @@ export async function main(argv: string[]): Promise<number> {
     unixSocket = `${privateDir}/socket`;
   }
 
-  let server: Server;
-  try {
-    server = await startServer(plugin, {
-      unixSocket: unixSocket === undefined ? undefined : runtime.resolvePath(unixSocket),
-      port: args.port,
-      hostname: args.ipaddr,
-      stdio: args.single,
-      listenFds,
-      readonly: args.readonly,
-      exportName: args.exportName,
-      threads: args.threads,
-      structuredReplies: !args.noSr,
-      metaContexts: !args.noMc,
-      maskHandshake: args.maskHandshake,
-      handshakeTimeout: args.timeout,
-      tls: tls ?? undefined,
-    });
-  } catch (err) {
-    say(`error: ${messageOf(err)}`);
-    if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
-    return 1;
-  }
-
-  let uri = server.address ? uriOf(server.address, args.exportName) : "";
-  // As nbdkit: nbds:// only when TLS is required (with --tls=on a client may use either).
-  if (tls?.required) uri = uri.replace(/^nbd(\+unix)?:/, "nbds$1:");
+  // The signal handlers go in before the server listens, as nbdkit's do: a
+  // signal sent once the socket is there must find them (a shell starts
+  // background commands with SIGINT and SIGQUIT ignored, and SIGTERM's
+  // default would leave the socket behind).
+  let server: Server | undefined;
   let stopping: Promise<void> | null = null;
   let stopped = false;
   const stop = () => {
     stopping ??= (async () => {
-      await server.close();
+      await server?.close();
       if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
       if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
       stopped = true;
@@ -471,7 +450,7 @@ export async function main(argv: string[]): Promise<number> {
         runtime.exit(1);
       }
       signalled = true;
-      stop();
+      if (server) stop();
       // Say why the process is still there when the stop takes a while.
       setTimeout(() => {
         if (stopped && !captive) return;
@@ -485,11 +464,41 @@ export async function main(argv: string[]): Promise<number> {
         captive.kill(signal);
         return;
       }
-      if (runEnded) return;
+      // Still starting: the start-up below stops once it has listened.
+      if (runEnded || !server) return;
       stop().then(() => runtime.exit(0));
     });
   }
 
+  try {
+    server = await startServer(plugin, {
+      unixSocket: unixSocket === undefined ? undefined : runtime.resolvePath(unixSocket),
+      port: args.port,
+      hostname: args.ipaddr,
+      stdio: args.single,
+      listenFds,
+      readonly: args.readonly,
+      exportName: args.exportName,
+      threads: args.threads,
+      structuredReplies: !args.noSr,
+      metaContexts: !args.noMc,
+      maskHandshake: args.maskHandshake,
+      handshakeTimeout: args.timeout,
+      tls: tls ?? undefined,
+    });
+  } catch (err) {
+    say(`error: ${messageOf(err)}`);
+    if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
+    return 1;
+  }
+  if (signalled) {
+    await stop();
+    return 0;
+  }
+
+  let uri = server.address ? uriOf(server.address, args.exportName) : "";
+  // As nbdkit: nbds:// only when TLS is required (with --tls=on a client may use either).
+  if (tls?.required) uri = uri.replace(/^nbd(\+unix)?:/, "nbds$1:");
   if (args.pidfile) {
     try {
       await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);

@@ -417,6 +417,43 @@ except nbd.Error:
     }
   });
 
+  test("a signal while the server starts is not lost: it stops once it listens", async () => {
+    await withScratch(async (dir) => {
+      // getReady runs before the server listens and takes a while: the
+      // signals come then. A shell starts background commands with SIGQUIT
+      // ignored, so a handler installed only once listening would miss it.
+      const file = join(dir, "slow.ts");
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+import { writeFileSync } from "node:fs";
+export default definePlugin({
+  name: "slow",
+  getReady: async () => {
+    writeFileSync(${JSON.stringify(join(dir, "starting"))}, "");
+    await new Promise((r) => setTimeout(r, 1500));
+  },
+  open: () => null,
+  getSize: () => 512,
+  pread: (_h, buf) => void buf.fill(0),
+});
+`,
+      );
+      for (const signal of ["QUIT", "TERM"]) {
+        const sock = join(dir, `${signal}.sock`);
+        const r = await shAsync(
+          `rm -f ${dir}/starting; ${ourShell()} -f -U ${sock} ${file} & pid=$!
+           ${shWaitFor(`-e ${dir}/starting`)}
+           kill -${signal} $pid
+           for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+           kill -0 $pid 2>/dev/null && echo alive && kill -KILL $pid
+           wait $pid; echo "status=$?"; test -e ${sock} || echo removed`,
+        );
+        assert.equal(r.stdout, "status=0\nremoved\n", `SIG${signal}: ${r.stderr}`);
+      }
+    });
+  });
+
   test("a plugin from a .ts path", async () => {
     const { dir, cleanup } = scratch();
     try {
