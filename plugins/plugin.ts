@@ -123,7 +123,7 @@ export type SupportMode = "none" | "emulate" | "native";
  *   pread: (d, buf, offset) => void buf.set(d.subarray(offset, offset + buf.length)),
  * });
  * const exports = await plugin.listExports!({ readonly: false, tls: false });
- * console.assert(exports.length === 2);
+ * console.assert(exports?.length === 2);
  * ```
  */
 export interface ExportInfo {
