@@ -35,7 +35,7 @@
 import { type Errno, NbdError } from "./errors.ts";
 import { EXTENT_HOLE, EXTENT_ZERO, type Plugin } from "./plugin.ts";
 import { runtime } from "../runtime/mod.ts";
-import type { RandomAccessFile } from "../runtime/types.ts";
+import type { FileInfo, RandomAccessFile } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 
 type CacheMode = "default" | "none";
@@ -90,6 +90,11 @@ function nbdError(err: unknown, context?: string): NbdError {
   return new NbdError(errno, context ? `${context}: ${message}` : message, { cause: err });
 }
 
+/** Whether a path of this kind can be served: a regular file or a block device. */
+function servable(info: FileInfo | null): boolean {
+  return info?.kind === "file" || info?.kind === "block";
+}
+
 /**
  * The file of DIR an export name stands for, refused unless it is a regular
  * file or block device directly in DIR.
@@ -105,7 +110,7 @@ async function fileInDir(dir: string, name: string): Promise<string> {
   const target = `${dir}/${name}`;
   const info = await runtime.stat(target).catch(() => null);
   if (info === null) throw new NbdError("EINVAL", `${target}: No such file or directory`);
-  if (info.kind !== "file" && info.kind !== "block") {
+  if (!servable(info)) {
     throw new NbdError("EINVAL", `${target}: is not a regular file or block device`);
   }
   return target;
@@ -210,7 +215,7 @@ export function createFilePlugin(): Plugin<Handle> {
       }
       const info = await runtime.stat(path);
       if (info === null) throw new Error(`${path}: No such file or directory`);
-      if (info.kind !== "file" && info.kind !== "block") {
+      if (!servable(info)) {
         throw new Error(`${path}: is not a regular file or block device`);
       }
     },
@@ -221,8 +226,7 @@ export function createFilePlugin(): Plugin<Handle> {
       const kinds = await Promise.all(
         names.map((name) => runtime.stat(`${dir}/${name}`).catch(() => null)),
       );
-      return names.filter((_, i) => kinds[i]?.kind === "file" || kinds[i]?.kind === "block")
-        .map((name) => ({ name }));
+      return names.filter((_, i) => servable(kinds[i])).map((name) => ({ name }));
     },
 
     async open({ readonly, exportName }) {

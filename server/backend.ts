@@ -34,9 +34,7 @@ import type {
   WriteFlags,
 } from "../plugins/plugin.ts";
 import { Mutex } from "./mutex.ts";
-import { tracedSession } from "./trace.ts";
-
-const bit = (on: boolean) => (on ? 1 : 0);
+import { bit, tracedSession } from "./trace.ts";
 
 /** Server-wide settings the backend needs. */
 export interface BackendOptions {

@@ -12,7 +12,16 @@
 import type { ExportSession, ZeroOptions } from "../protocol/session.ts";
 import type { Awaitable, LentBytes } from "../plugins/plugin.ts";
 
-const bit = (on: boolean) => (on ? 1 : 0);
+/**
+ * A flag as nbdkit's `-v` writes it: 1 or 0.
+ *
+ * @example
+ * ```ts
+ * import { bit } from "./trace.ts";
+ * console.assert(`fua=${bit(true)}` === "fua=1");
+ * ```
+ */
+export const bit = (on: boolean): 0 | 1 => (on ? 1 : 0);
 
 /**
  * A session that logs each call before passing it on.
