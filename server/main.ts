@@ -432,11 +432,30 @@ export async function main(argv: string[]): Promise<number> {
     })();
     return stopping;
   };
+  // Exiting without waiting still takes away what is ours and would be left
+  // stale: the pid file, the private directory, and a socket we listen on (one
+  // not yet listened on may be another server's). A removal that hangs does
+  // not hold the exit up for long.
+  let exiting = false;
+  const exitNow = () => {
+    if (exiting) return;
+    exiting = true;
+    const removals = [
+      args.pidfile ? runtime.removeFile(args.pidfile) : null,
+      privateDir ? runtime.removeDir(privateDir) : null,
+      server?.address?.transport === "unix" && !privateDir
+        ? runtime.removeFile(server.address.path)
+        : null,
+    ].map((removal) => removal?.catch(() => {}));
+    const timeout = new Promise((resolve) => setTimeout(resolve, 500));
+    Promise.race([Promise.all(removals), timeout]).then(() => runtime.exit(1));
+  };
   let captive: ShellChild | null = null; // the --run command, while it runs
   // Once the --run command has ended, its status is the exit status and the
   // --run branch below stops the server and returns it.
   let runEnded = false;
   let signalled = false;
+  let starting = true;
   runtime.endOnSigusr1();
   for (const signal of ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] as const) {
     runtime.onSignal(signal, () => {
@@ -447,14 +466,19 @@ export async function main(argv: string[]): Promise<number> {
       // runs, which then is the first signal, not a second one.
       if (signalled) {
         say(`${signal} again: exiting without waiting`);
-        runtime.exit(1);
+        exitNow();
+        return;
       }
       signalled = true;
       if (server) stop();
       // Say why the process is still there when the stop takes a while.
       setTimeout(() => {
         if (stopped && !captive) return;
-        const what = captive ? "the --run command to exit" : "the requests in flight to finish";
+        const what = captive
+          ? "the --run command to exit"
+          : server
+          ? "the requests in flight to finish"
+          : "the plugin to finish starting";
         say(`${signal}: waiting for ${what}; ${signal} again exits at once`);
       }, NOTICE_MS);
       if (captive) {
@@ -464,8 +488,8 @@ export async function main(argv: string[]): Promise<number> {
         captive.kill(signal);
         return;
       }
-      // Still starting: the start-up below stops once it has listened.
-      if (runEnded || !server) return;
+      // Still starting (up to the pid file written): the start-up below stops.
+      if (runEnded || starting) return;
       stop().then(() => runtime.exit(0));
     });
   }
@@ -508,6 +532,14 @@ export async function main(argv: string[]): Promise<number> {
       await stop();
       return 1;
     }
+  }
+  // A signal while the pid file was written has begun the stop, which may have
+  // removed the file before it was there: the --run command must not start.
+  starting = false;
+  if (signalled) {
+    await stop();
+    if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
+    return 0;
   }
   if (runtime.env(DAEMON_ENV) === "1") {
     runtime.writeStdout(`ready ${args.printUri ? uri : ""}\n`);

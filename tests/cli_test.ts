@@ -3,7 +3,7 @@
  */
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   captive,
@@ -450,6 +450,21 @@ export default definePlugin({
            wait $pid; echo "status=$?"; test -e ${sock} || echo removed`,
         );
         assert.equal(r.stdout, "status=0\nremoved\n", `SIG${signal}: ${r.stderr}`);
+      }
+      // With -U - and -P: the --run command never starts; one signal stops
+      // cleanly (0), a second exits at once (1), and either way the private
+      // directory and the pid file go.
+      const tmp = join(dir, "tmp");
+      mkdirSync(tmp);
+      for (const [signals, status] of [[["TERM"], "0"], [["TERM", "TERM"], "1"]] as const) {
+        const r = await shAsync(
+          `rm -f ${dir}/starting; TMPDIR=${tmp} ${ourShell()} -U - -P ${dir}/x.pid ${file} \
+             --run 'touch ${dir}/ran' & pid=$!
+           ${shWaitFor(`-e ${dir}/starting`)}
+           for s in ${signals.join(" ")}; do kill -$s $pid; sleep 0.2; done
+           wait $pid; echo "status=$?"; ls -A ${tmp}; ls ${dir}/x.pid ${dir}/ran 2>/dev/null`,
+        );
+        assert.equal(r.stdout, `status=${status}\n`, `${signals}: ${r.stderr}`);
       }
     });
   });
