@@ -35,7 +35,8 @@
 import { type Errno, NbdError } from "./errors.ts";
 import { EXTENT_HOLE, EXTENT_ZERO, type Plugin } from "./plugin.ts";
 import { runtime } from "../runtime/mod.ts";
-import type { FileInfo, RandomAccessFile } from "../runtime/types.ts";
+import { strerror } from "../runtime/errno.ts";
+import type { FileKind, RandomAccessFile } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 
 type CacheMode = "default" | "none";
@@ -90,9 +91,23 @@ function nbdError(err: unknown, context?: string): NbdError {
   return new NbdError(errno, context ? `${context}: ${message}` : message, { cause: err });
 }
 
-/** Whether a path of this kind can be served: a regular file or a block device. */
-function servable(info: FileInfo | null): boolean {
-  return info?.kind === "file" || info?.kind === "block";
+/** How many entries of a directory a listing stats at once. */
+const LIST_STATS = 64;
+
+/**
+ * A failure to open an export of a directory, for the client: the errno's
+ * text, not the runtime's message with the server's path in it.
+ */
+function exportError(err: unknown): NbdError {
+  if (err instanceof NbdError) return err;
+  const code = codeOf(err);
+  const reason = (code && strerror(code)) || "cannot open the file";
+  return new NbdError(NBD_ERRNO[code ?? ""] ?? "EIO", `open: ${reason}`, { cause: err });
+}
+
+/** Whether a file of this kind can be served: a regular file or a block device. */
+function servable(kind: FileKind | undefined): boolean {
+  return kind === "file" || kind === "block";
 }
 
 /**
@@ -100,18 +115,20 @@ function servable(info: FileInfo | null): boolean {
  * file or block device directly in DIR.
  */
 async function fileInDir(dir: string, name: string): Promise<string> {
+  // The client reads these messages: they never name the server's directory
+  // (the server's log line names the export).
   if (name === "") {
     throw new NbdError(
       "EINVAL",
-      `no export name: this server serves the files of ${dir}; ask for one by name (nbdinfo --list shows them)`,
+      "no export name: this server serves the files of a directory; ask for one by name (nbdinfo --list shows them)",
     );
   }
-  if (name.includes("/")) throw new NbdError("EINVAL", `export name cannot contain '/': ${name}`);
+  if (name.includes("/")) throw new NbdError("EINVAL", "export name cannot contain '/'");
   const target = `${dir}/${name}`;
   const info = await runtime.stat(target).catch(() => null);
-  if (info === null) throw new NbdError("EINVAL", `${target}: No such file or directory`);
-  if (!servable(info)) {
-    throw new NbdError("EINVAL", `${target}: is not a regular file or block device`);
+  if (info === null) throw new NbdError("EINVAL", "open: No such file or directory");
+  if (!servable(info.kind)) {
+    throw new NbdError("EINVAL", "open: not a regular file or block device");
   }
   return target;
 }
@@ -215,7 +232,7 @@ export function createFilePlugin(): Plugin<Handle> {
       }
       const info = await runtime.stat(path);
       if (info === null) throw new Error(`${path}: No such file or directory`);
-      if (!servable(info)) {
+      if (!servable(info.kind)) {
         throw new Error(`${path}: is not a regular file or block device`);
       }
     },
@@ -223,14 +240,23 @@ export function createFilePlugin(): Plugin<Handle> {
     async listExports() {
       if (dir === undefined) return null;
       const names = (await runtime.readDir(dir)).sort();
-      const kinds = await Promise.all(
-        names.map((name) => runtime.stat(`${dir}/${name}`).catch(() => null)),
-      );
+      const kinds: (FileKind | undefined)[] = [];
+      // A few stats at a time: a directory of a million files must not queue
+      // a million of them at once.
+      for (let i = 0; i < names.length; i += LIST_STATS) {
+        const batch = names.slice(i, i + LIST_STATS);
+        const infos = await Promise.all(
+          batch.map((name) => runtime.stat(`${dir}/${name}`).catch(() => null)),
+        );
+        kinds.push(...infos.map((info) => info?.kind));
+      }
       return names.filter((_, i) => servable(kinds[i])).map((name) => ({ name }));
     },
 
     async open({ readonly, exportName }) {
       const target = dir === undefined ? path! : await fileInDir(dir, exportName);
+      const failure = (err: unknown) =>
+        dir === undefined ? nbdError(err, `open: ${target}`) : exportError(err);
       let writable = !readonly;
       let file: RandomAccessFile;
       try {
@@ -241,9 +267,14 @@ export function createFilePlugin(): Plugin<Handle> {
           return runtime.openFile(target, { write: false });
         });
       } catch (err) {
-        throw nbdError(err, `open: ${target}`);
+        throw failure(err);
       }
       try {
+        // What was opened, not what the path named a moment before: a file
+        // swapped for a directory or a device since is not served.
+        if (!servable(file.kind)) {
+          throw new NbdError("EINVAL", "open: not a regular file or block device any more");
+        }
         if (fadvise !== "normal") await file.advise?.(0, 0, fadvise).catch(() => {});
         // A file system without SEEK_HOLE (say so by failing) gets no extents.
         const extents = file.seek !== undefined &&
@@ -261,7 +292,7 @@ export function createFilePlugin(): Plugin<Handle> {
         };
       } catch (err) {
         await file.close();
-        throw nbdError(err, `open: ${target}`);
+        throw failure(err);
       }
     },
 

@@ -7,7 +7,6 @@ import type {
   Connection,
   ExitStatus,
   FileInfo,
-  FileKind,
   Listener,
   Runtime,
   ShellChild,
@@ -20,7 +19,7 @@ import { enlargePipeFd, pipeCapacity } from "./pipe_size.ts";
 import { FIONREAD, pacedPipeWritable, writeOutcome } from "./paced_pipe.ts";
 import { denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
-import { openDenoFile } from "./deno_file.ts";
+import { kindOf, openDenoFile } from "./deno_file.ts";
 
 const encoder = new TextEncoder();
 
@@ -216,16 +215,6 @@ async function removeStaleSocket(path: string): Promise<void> {
     return;
   }
   throw new Error(`${path}: Address already in use`);
-}
-
-function kindOf(info: Deno.FileInfo): FileKind {
-  if (info.isFile) return "file";
-  if (info.isDirectory) return "directory";
-  if (info.isFifo) return "fifo";
-  if (info.isSocket) return "socket";
-  if (info.isCharDevice) return "char";
-  if (info.isBlockDevice) return "block";
-  return "other";
 }
 
 function mainScript(): string | undefined {

@@ -20,8 +20,8 @@
  *
  * @module
  */
-import type { RandomAccessFile } from "./types.ts";
-import { type DenoLibc, denoLibc, O_CLOEXEC, O_RDONLY, O_RDWR } from "./deno_libc.ts";
+import type { FileKind, RandomAccessFile } from "./types.ts";
+import { type DenoLibc, denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_RDWR } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
 import {
   CachedReads,
@@ -39,11 +39,47 @@ import {
  * @returns The file.
  */
 export async function openDenoFile(path: string, write: boolean): Promise<RandomAccessFile> {
-  // Deno.open first: its errors ("No such file or directory (os error 2)") are the ones reported.
-  const file = await Deno.open(path, { read: true, write });
   const libc = denoLibc();
-  const fd = libc ? libc.open(cString(path), (write ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0) : -1;
-  return new DenoFile(file, fd >= 0 ? libc : null, fd);
+  // libc's descriptor first, nonblocking: this open runs on the event loop's
+  // thread, and a FIFO put at the path would hold it. Deno's file is then the
+  // same file through /proc/self/fd whatever the path names by now. Only
+  // regular files and block devices are served this way.
+  const fd = libc
+    ? libc.open(cString(path), (write ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_CLOEXEC, 0)
+    : -1;
+  if (fd >= 0) {
+    const self = `/proc/self/fd/${fd}`;
+    const info = await Deno.stat(self).catch(() => null);
+    const file = info?.isFile || info?.isBlockDevice
+      ? await Deno.open(self, { read: true, write }).catch(() => null)
+      : null;
+    if (file) return new DenoFile(file, libc, fd, kindOf(info!));
+    libc!.close(fd);
+  }
+  // Deno's errors ("No such file or directory (os error 2)") are the ones reported.
+  const file = await Deno.open(path, { read: true, write });
+  try {
+    return new DenoFile(file, null, -1, kindOf(await file.stat()));
+  } catch (err) {
+    file.close();
+    throw err;
+  }
+}
+
+/**
+ * What kind of file Deno's `stat` describes.
+ *
+ * @param info What `Deno.stat` or `FsFile.stat` returned.
+ * @returns Its {@linkcode FileKind}.
+ */
+export function kindOf(info: Deno.FileInfo): FileKind {
+  if (info.isFile) return "file";
+  if (info.isDirectory) return "directory";
+  if (info.isFifo) return "fifo";
+  if (info.isSocket) return "socket";
+  if (info.isCharDevice) return "char";
+  if (info.isBlockDevice) return "block";
+  return "other";
 }
 
 /** {@linkcode FileSyscalls} through `Deno.dlopen`. */
@@ -85,12 +121,14 @@ class DenoFile implements RandomAccessFile {
   // Seek and read must not interleave between requests on the slow path.
   #lock: Promise<unknown> = Promise.resolve();
   #cached: CachedReads | null = null;
+  readonly kind: FileKind;
   fallocate?: FileExtras["fallocate"];
   seek?: FileExtras["seek"];
   advise?: FileExtras["advise"];
 
-  constructor(file: Deno.FsFile, libc: DenoLibc | null, fd: number) {
+  constructor(file: Deno.FsFile, libc: DenoLibc | null, fd: number, kind: FileKind) {
     this.#file = file;
+    this.kind = kind;
     this.#libc = libc;
     this.#fd = fd;
     if (libc) {

@@ -785,14 +785,16 @@ class NodeFile implements RandomAccessFile {
   #calls: FileSyscalls | null;
   #block: boolean;
   #cached: CachedReads | null = null;
+  readonly kind: FileKind;
   fallocate?: FileExtras["fallocate"];
   seek?: FileExtras["seek"];
   advise?: FileExtras["advise"];
 
-  constructor(fd: number, calls: FileSyscalls | null, block: boolean) {
+  constructor(fd: number, calls: FileSyscalls | null, kind: FileKind) {
     this.#fd = fd;
     this.#calls = calls;
-    this.#block = block;
+    this.kind = kind;
+    this.#block = kind === "block";
     if (calls) Object.assign(this, fileExtras(calls, () => this.#fd));
     if (calls?.preadNowait) this.#cached = new CachedReads(calls.preadNowait);
   }
@@ -881,8 +883,8 @@ export async function openNodeFile(
   const { O_RDONLY, O_RDWR } = fs.constants;
   const fd = await openFd(path, write ? O_RDWR : O_RDONLY);
   try {
-    const block = (await fstatFd(fd)).isBlockDevice();
-    return new NodeFile(fd, await syscalls(), block);
+    const kind = kindOf(await fstatFd(fd));
+    return new NodeFile(fd, await syscalls(), kind);
   } catch (err) {
     await closeFd(fd);
     throw err;

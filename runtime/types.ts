@@ -82,6 +82,11 @@ export interface Listener {
  */
 export interface RandomAccessFile {
   /**
+   * What the open file is, as opened: a path that names something else
+   * since (a file swapped for a FIFO) has no say.
+   */
+  readonly kind: FileKind;
+  /**
    * Read exactly `buf.length` bytes at `offset` (zeroes past the end).
    * Returns nothing, at once, when the page cache held all of them (so a
    * cached read costs the request no promise); a promise otherwise.

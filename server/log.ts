@@ -15,8 +15,31 @@ export const logConfig: { target: LogTarget; verbose: boolean; program: string }
   program: "nbdkit-ts",
 };
 
+/**
+ * The line with its control characters written as `\xNN`: one event, one
+ * line. Export names come from clients and messages from plugins, and a
+ * newline in either must not forge a log line of its own.
+ *
+ * @example
+ * ```ts
+ * import { oneLine } from "./log.ts";
+ * oneLine("x\nnbdkit-ts: error: forged"); // "x\\x0anbdkit-ts: error: forged"
+ * ```
+ */
+export function oneLine(line: string): string {
+  let out = "";
+  let from = 0;
+  for (let i = 0; i < line.length; i++) {
+    const c = line.charCodeAt(i);
+    if (c >= 0x20 && c !== 0x7f) continue;
+    out += line.slice(from, i) + "\\x" + c.toString(16).padStart(2, "0");
+    from = i + 1;
+  }
+  return from === 0 ? line : out + line.slice(from);
+}
+
 function emit(line: string): void {
-  if (logConfig.target === "stderr") runtime.writeStderr(`${line}\n`);
+  if (logConfig.target === "stderr") runtime.writeStderr(`${oneLine(line)}\n`);
 }
 
 /** A logger bound to a context (plugin name and connection number). */

@@ -395,8 +395,9 @@ describe("file plugin", () => {
     assert.ok(bytes.every((b) => b === 0x5a));
     // The default export is refused with a hint; '/' in a name is refused.
     assert.match(r.stderr, /no export name: this server serves the files of .*nbdinfo --list/);
-    assert.match(r.stderr, /export name cannot contain '\/': sub\/a\.img/);
-    assert.match(r.stderr, /sub: is not a regular file or block device/);
+    assert.match(r.stderr, /"sub\/a\.img": export name cannot contain '\/'$/m);
+    assert.match(r.stderr, /"sub": open: not a regular file or block device$/m);
+    assert.match(r.stderr, /"missing": open: No such file or directory$/m);
 
     // The directory gone: LIST is refused (NBD_REP_ERR_PLATFORM, as nbdkit),
     // the server carries on and lists it again once it is back.
@@ -419,6 +420,36 @@ describe("file plugin", () => {
       assert.equal(c.stderr.trim(), `nbdkit-ts: error: ${message}`);
       assert.equal(sh(`nbdkit -U - file ${args.map(shQuote).join(" ")} --run true`).status, 1);
     }
+  });
+
+  test("dir=: the client is not told the server's paths, names cannot forge log lines, -r", async () => {
+    const d = join(dir, "private-exports");
+    ok(`mkdir ${d} ${d}/sub && head -c 64K /dev/urandom > ${d}/a.img`);
+    const before = sha256(join(d, "a.img"));
+    const at = (name: string) => `"nbd+unix:///${name}?socket=$unixsocket"`;
+    // libnbd's debug output shows the text of the server's error replies.
+    const told = (name: string) =>
+      `LIBNBD_DEBUG=1 nbdinfo ${at(name)} 2>&1 | grep 'server error message'`;
+    const write = "h.pwrite(b'\\xff' * 512, 0)";
+    const script = `${told("missing")}; ${told("sub")}; ` +
+      `nbdinfo ${at("evil%0Anbdkit-ts:%20forged")} >/dev/null 2>&1; ` +
+      `nbdinfo --list --json "$uri" | grep -c '"is_read_only": true'; ` +
+      `nbdsh -u ${at("a.img")} -c ${shQuote(write)} 2>/dev/null || echo refused`;
+    const [cmd, ...pre] = ourCommand();
+    const r = await run([cmd, ...pre, "-r", "-U", "-", "file", `dir=${d}`, "--run", script]);
+    assert.equal(r.status, 0, r.stderr);
+    const lines = r.stdout.trim().split("\n");
+    assert.deepEqual(lines.slice(-2), ["1", "refused"], r.stdout);
+    const messages = lines.slice(0, -2).map((l) => l.replace(/^.*server error message: /, ""));
+    assert.deepEqual([...new Set(messages)], [
+      "open: No such file or directory",
+      "open: not a regular file or block device",
+    ]);
+    assert.ok(!r.stdout.includes(dir), r.stdout);
+    assert.equal(sha256(join(d, "a.img")), before);
+    // The name's newline is written out, on the error's own line.
+    assert.doesNotMatch(r.stderr, /^nbdkit-ts: forged/m);
+    assert.match(r.stderr, /cannot open export "evil\\x0anbdkit-ts: forged": open: No such/);
   });
 
   test("without FFI: no TRIM, zeroes written, all data, same bytes", async (t) => {

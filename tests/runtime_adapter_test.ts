@@ -249,6 +249,7 @@ test("openFile: pwrite, pread, size, sync", async () => {
     const path = `${dir}/disk.img`;
     await runtime.writeTextFile(path, "");
     const file = await runtime.openFile(path, { write: true });
+    assert.equal(file.kind, "file");
     const data = pattern(100_000, 7);
     // Requests in flight together, as NBD clients send them.
     await Promise.all([
@@ -279,8 +280,12 @@ test("openFile: pwrite, pread, size, sync", async () => {
 
     // A failing read names its cause (on Deno, through its own API: FFI's errno is not visible).
     const folder = await runtime.openFile(dir, { write: false });
+    assert.equal(folder.kind, "directory");
     await assert.rejects(async () => await folder.pread(new Uint8Array(512), 0), /directory/i);
     await folder.close();
+    const device = await runtime.openFile("/dev/null", { write: true });
+    assert.equal(device.kind, "char");
+    await device.close();
   } finally {
     cleanup();
   }
