@@ -59,6 +59,7 @@ export function tracedSession(
   session: ExportSession,
   debug: (message: string) => void,
 ): ExportSession {
+  let closed = false;
   return {
     name: session.name,
     size: session.size,
@@ -98,7 +99,10 @@ export function tracedSession(
       return session.extents(count, offset, reqOne);
     },
     close() {
-      debug("close");
+      // The session may be closed twice (the connection's end and the
+      // server's stop): one line, as nbdkit's one close.
+      if (!closed) debug("close");
+      closed = true;
       return session.close();
     },
   };
