@@ -134,7 +134,11 @@ export interface ExportInfo {
 }
 
 /**
- * Block size constraints of an export (all in bytes, powers of two).
+ * Block size constraints of an export, in bytes, as the NBD spec allows them
+ * (the open fails otherwise): `minimum` a power of two up to 64 KiB,
+ * `preferred` a power of two from 512 bytes to 32 MiB, `maximum` a multiple
+ * of `minimum` or -1 (no limit), and minimum ≤ preferred ≤ maximum. All three
+ * 0: no constraints, as when `blockSize` is absent.
  *
  * @example A disk that works in 4 KiB sectors
  * ```ts

@@ -27,6 +27,7 @@ import type {
 import { NbdError } from "../plugins/errors.ts";
 import type {
   Awaitable,
+  BlockSize,
   ExportInfo,
   LentBytes,
   Plugin,
@@ -295,6 +296,45 @@ class PluginSession<H> implements ExportSession {
   }
 }
 
+const powerOf2 = (n: number) => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
+/**
+ * A plugin's block sizes as the handshake sends them, or undefined for "no
+ * constraints" (absent, or all three 0, as nbdkit allows scripts to say).
+ * Sizes the NBD spec does not allow fail the open, with nbdkit's messages:
+ * clients trust them (a minimum of 3 would have every request misaligned).
+ * A maximum of -1 stands for 0xffffffff, "no limit".
+ *
+ * @example
+ * ```ts
+ * import { checkedBlockSize } from "./backend.ts";
+ * checkedBlockSize({ minimum: 512, preferred: 4096, maximum: -1 }); // maximum: 0xffffffff
+ * checkedBlockSize({ minimum: 0, preferred: 0, maximum: 0 }); // undefined
+ * ```
+ */
+export function checkedBlockSize(b: BlockSize | undefined): BlockSizeInfo | undefined {
+  if (!b || (b.minimum === 0 && b.preferred === 0 && b.maximum === 0)) return undefined;
+  const { minimum, preferred } = b;
+  const maximum = b.maximum === -1 ? 0xffffffff : b.maximum;
+  const fail = (what: string) => {
+    throw new NbdError("EINVAL", `plugin must set ${what}`);
+  };
+  if (!(minimum >= 1 && minimum <= 65536)) fail("minimum block size between 1 and 64K");
+  if (!powerOf2(minimum)) fail("minimum block size to a power of 2");
+  if (!powerOf2(preferred)) fail("preferred block size to a power of 2");
+  if (preferred < 512 || preferred > 32 * 1024 * 1024) {
+    fail("preferred block size between 512 and 32M");
+  }
+  if (!Number.isInteger(maximum) || maximum > 0xffffffff) fail("maximum block size below 4G");
+  if (maximum !== 0xffffffff && maximum % minimum !== 0) {
+    fail("maximum block size to -1 or a multiple of minimum block size");
+  }
+  if (minimum > preferred || preferred > maximum) {
+    fail("minimum block size <= preferred <= maximum");
+  }
+  return { minimum, preferred, maximum };
+}
+
 /**
  * The export provider of one connection, backed by a plugin.
  *
@@ -339,7 +379,9 @@ export function pluginProvider<H>(
         const description = plugin.exportDescription
           ? await plugin.exportDescription(h)
           : undefined;
-        const blockSize = plugin.blockSize ? await plugin.blockSize(h) : undefined;
+        const blockSize = plugin.blockSize
+          ? checkedBlockSize(await plugin.blockSize(h))
+          : undefined;
         const session = new PluginSession(plugin, h, canonical, size, caps, description, blockSize);
         return trace ? tracedSession(session, trace) : session;
       } catch (err) {

@@ -469,6 +469,66 @@ export default definePlugin({
     });
   });
 
+  test("block sizes a plugin states reach the client (with -v too); ones the spec forbids fail the open", async () => {
+    await withScratch(async (dir) => {
+      const file = join(dir, "sizes.ts");
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+let sizes = [0, 0, 0];
+export default definePlugin({
+  name: "sizes",
+  config: (_key, value) => { sizes = value.split(",").map(Number); },
+  open: () => null,
+  getSize: () => 1 << 20,
+  blockSize: () => ({ minimum: sizes[0], preferred: sizes[1], maximum: sizes[2] }),
+  pread: (_h, buf) => void buf.fill(0),
+});
+`,
+      );
+      const script =
+        `nbdinfo --json "$uri" | grep block_size; nbdinfo --size "$uri" || echo failed`;
+      const eval_ = (sizes: string) =>
+        sh(
+          `nbdkit -U - eval get_size='echo 1048576' block_size='echo ${
+            sizes.replaceAll(",", " ")
+          }' ` +
+            `pread='head -c $3 /dev/zero' --run ${shQuote(script)}`,
+        );
+      for (const args of [[], ["-v"]]) {
+        const r = await captive([...args, file, "sizes=512,4096,1048576"], script);
+        assert.equal(r.status, 0, r.stderr);
+        assert.equal(r.stdout, eval_("512,4096,1048576").stdout);
+        assert.match(r.stdout, /"block_size_minimum": 512,\n.*"block_size_preferred": 4096,\n/);
+      }
+      // -1: no maximum; all 0: no constraints (nothing sent).
+      const unbounded = await captive([file, "sizes=1,4096,-1"], script);
+      assert.match(unbounded.stdout, /"block_size_maximum": 4294967295/);
+      const none = await captive([file, "sizes=0,0,0"], script);
+      assert.equal(none.stdout, "1048576\n");
+      for (
+        const [sizes, message] of [
+          ["3,4096,1048576", "minimum block size to a power of 2"],
+          ["131072,131072,131072", "minimum block size between 1 and 64K"],
+          ["512,256,1048576", "preferred block size between 512 and 32M"],
+          ["512,4096,1000", "maximum block size to -1 or a multiple of minimum block size"],
+          ["4096,8192,4096", "minimum block size <= preferred <= maximum"],
+        ]
+      ) {
+        const r = await captive([file, `sizes=${sizes}`], script);
+        assert.equal(r.stdout, "failed\n", sizes);
+        assert.match(
+          r.stderr,
+          new RegExp(`error: .*: plugin must set ${message.replace(/[-<=]/g, ".")}$`, "m"),
+        );
+        assert.match(
+          eval_(sizes).stderr,
+          new RegExp(`error: plugin must set ${message.replace(/[-<=]/g, ".")}$`, "m"),
+        );
+      }
+    });
+  });
+
   test("a plugin from a .ts path", async () => {
     const { dir, cleanup } = scratch();
     try {
