@@ -426,9 +426,17 @@ export interface Plugin<H = unknown> {
   isRotational?(h: H): Awaitable<boolean>;
   /** Whether TRIM is possible; defaults to whether `trim` exists. */
   canTrim?(h: H): Awaitable<boolean>;
-  /** Whether WRITE_ZEROES is possible; defaults to true (emulated with `pwrite` without `zero`). */
+  /**
+   * Whether `zero` is to be called; defaults to true. As in nbdkit, a
+   * writable export always offers WRITE_ZEROES: without `zero`, or when this
+   * says false, zeroes are written with `pwrite`.
+   */
   canZero?(h: H): Awaitable<boolean>;
-  /** Whether zeroing is fast; defaults to true without `zero` (the emulation fails fast), false with it. */
+  /**
+   * Whether zeroing is fast; defaults to true when zeroes are written with
+   * `pwrite` (a fast zero then fails at once, as the spec allows), false when
+   * `zero` is called.
+   */
   canFastZero?(h: H): Awaitable<boolean>;
   /** FUA support; `emulate` (by flushing) when `flush` exists, `none` otherwise. */
   canFua?(h: H): Awaitable<SupportMode>;

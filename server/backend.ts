@@ -59,6 +59,8 @@ interface Caps {
   rotational: boolean;
   trim: boolean;
   zero: boolean;
+  /** Whether zeroes go to the plugin's `zero` (otherwise they are written). */
+  zeroNative: boolean;
   fastZero: boolean;
   fua: SupportMode;
   multiConn: boolean;
@@ -69,14 +71,18 @@ interface Caps {
 async function capabilities<H>(p: Plugin<H>, h: H, readonly: boolean): Promise<Caps> {
   const write = !readonly && (p.canWrite ? await p.canWrite(h) : p.pwrite !== undefined);
   const flush = p.canFlush ? await p.canFlush(h) : p.flush !== undefined;
-  const zero = write && (p.canZero ? await p.canZero(h) : true);
+  // As nbdkit's: a writable export always takes WRITE_ZEROES, and canZero
+  // only says whether `zero` is called or zeroes are written with `pwrite`.
+  const zeroNative = write && p.zero !== undefined && (p.canZero ? await p.canZero(h) : true);
   return {
     write,
     flush,
     rotational: p.isRotational ? await p.isRotational(h) : false,
     trim: write && (p.canTrim ? await p.canTrim(h) : p.trim !== undefined),
-    zero,
-    fastZero: zero && (p.canFastZero ? await p.canFastZero(h) : p.zero === undefined),
+    zero: write,
+    zeroNative,
+    // Written zeroes can fail fast (ENOTSUP at once), so they count as fast.
+    fastZero: write && (p.canFastZero ? await p.canFastZero(h) : !zeroNative),
     fua: !write ? "none" : p.canFua ? await p.canFua(h) : flush ? "emulate" : "none",
     multiConn: p.canMultiConn ? await p.canMultiConn(h) : false,
     cache: p.canCache ? await p.canCache(h) : p.cache !== undefined ? "native" : "none",
@@ -214,7 +220,7 @@ class PluginSession<H> implements ExportSession {
 
   async zero(count: number, offset: number, o: ZeroOptions): Promise<void> {
     const native = o.fua && this.#caps.fua === "native";
-    if (this.#p.zero) {
+    if (this.#caps.zeroNative) {
       try {
         await this.#call(() =>
           this.#p.zero!(this.#h, count, offset, {

@@ -1,0 +1,126 @@
+/**
+ * The plugin API against nbdkit's: a TypeScript plugin and nbdkit's `eval`
+ * plugin given the same callbacks must show a client the same export.
+ * nbdkit derives an export's flags from which callbacks a plugin has and
+ * what its `can_*` callbacks say; ours must derive the same ones.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { captive, requireTool, ROOT, sh, shQuote, withScratch } from "./helpers.ts";
+
+/** One callback, as our plugin and as an `eval` script say it. */
+type Callback = readonly [ours: string, theirs: string];
+
+const CALLBACKS: Record<string, Callback> = {
+  pwrite: ["pwrite: () => {}", "pwrite=cat >/dev/null"],
+  flush: ["flush: () => {}", "flush=true"],
+  trim: ["trim: () => {}", "trim=true"],
+  zero: ["zero: () => {}", "zero=true"],
+  cache: ["cache: () => {}", "cache=true"],
+  extents: [
+    "extents: (_h, count, offset, _f, sink) => sink.add(offset, count, 0)",
+    "extents=echo $4 $3 0",
+  ],
+  "not writable": ["canWrite: () => false", "can_write=exit 3"],
+  rotational: ["isRotational: () => true", "is_rotational=exit 0"],
+  "multi-conn": ["canMultiConn: () => true", "can_multi_conn=exit 0"],
+  "no flush": ["canFlush: () => false", "can_flush=exit 3"],
+  "no trim": ["canTrim: () => false", "can_trim=exit 3"],
+  "no zero": ["canZero: () => false", "can_zero=exit 3"],
+  "fast zero": ["canFastZero: () => true", "can_fast_zero=exit 0"],
+  "fua native": ['canFua: () => "native"', "can_fua=echo native"],
+  "fua none": ['canFua: () => "none"', "can_fua=echo none"],
+  "cache none": ['canCache: () => "none"', "can_cache=echo none"],
+  "cache emulate": ['canCache: () => "emulate"', "can_cache=echo emulate"],
+  "no extents": ["canExtents: () => false", "can_extents=exit 3"],
+};
+
+/** The sets of callbacks compared, from a bare read-only plugin up. */
+const CASES: string[][] = [
+  [],
+  ["pwrite"],
+  ["pwrite", "flush", "trim", "zero"],
+  ["pwrite", "flush", "trim", "zero", "fua native", "fast zero", "multi-conn", "rotational"],
+  ["pwrite", "flush", "trim", "zero", "no flush", "no trim", "no zero", "fua none"],
+  ["pwrite", "flush", "trim", "zero", "not writable"],
+  ["pwrite", "fast zero"],
+  ["pwrite", "flush"],
+  ["pwrite", "zero"],
+  ["pwrite", "zero", "no zero"],
+  ["pwrite", "flush", "fua none", "multi-conn"],
+  ["cache", "extents", "rotational", "multi-conn"],
+  ["cache", "cache none"],
+  ["cache emulate"],
+  ["extents", "no extents"],
+];
+
+const LISTING = 'nbdinfo --json --can base:allocation "$uri"; echo "allocation=$?"; ' +
+  'nbdinfo --json "$uri"';
+
+/** What a client sees of the export: every flag nbdinfo reports, and base:allocation. */
+function seen(stdout: string): Record<string, unknown> {
+  const [allocation, json] = stdout.split(/^allocation=(\d+)\n/m).slice(1);
+  const [exp] = JSON.parse(json).exports as Record<string, unknown>[];
+  const flags = Object.entries(exp).filter(([k]) => /^(is_|can_)/.test(k));
+  return { ...Object.fromEntries(flags), "base:allocation": allocation === "0" };
+}
+
+test("canZero false: zeroes are written with pwrite, never given to zero, as nbdkit does", async () => {
+  await withScratch(async (dir) => {
+    const file = join(dir, "nozero.ts");
+    writeFileSync(
+      file,
+      `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+const disk = new Uint8Array(1 << 20).fill(0xaa);
+export default definePlugin({
+  name: "nozero",
+  open: () => null,
+  getSize: () => disk.length,
+  pread: (_h, buf, offset) => void buf.set(disk.subarray(offset, offset + buf.length)),
+  pwrite: (_h, buf, offset) => void disk.set(buf, offset),
+  zero: () => { throw new NbdError("EIO", "zero must not be called"); },
+  canZero: () => false,
+});
+`,
+    );
+    const py = "h.zero(8192, 4096); b = h.pread(16384, 0); " +
+      "print(b[:4096].count(0xaa), b[4096:12288].count(0), b[12288:].count(0xaa))";
+    const r = await captive([file], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout.trim(), "4096 8192 4096");
+    assert.doesNotMatch(r.stderr, /must not be called/);
+  });
+});
+
+test("the export's flags follow from the callbacks as nbdkit's do", async () => {
+  requireTool("nbdkit");
+  await withScratch(async (dir) => {
+    for (const [i, names] of CASES.entries()) {
+      const ours = names.map((n) => CALLBACKS[n][0]);
+      const theirs = names.map((n) => CALLBACKS[n][1]);
+      const file = join(dir, `case${i}.ts`);
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+export default definePlugin({
+  name: "flags",
+  open: () => null,
+  getSize: () => 1 << 20,
+  pread: (_h, buf) => void buf.fill(0),
+  ${ours.join(",\n  ")}
+});
+`,
+      );
+      const mine = await captive([file], LISTING);
+      assert.equal(mine.status, 0, mine.stderr);
+      const peer = sh(
+        `nbdkit -U - eval get_size='echo 1048576' pread='head -c $3 /dev/zero' ` +
+          `${theirs.map(shQuote).join(" ")} --run ${shQuote(LISTING)}`,
+      );
+      assert.equal(peer.status, 0, peer.stderr);
+      assert.deepEqual(seen(mine.stdout), seen(peer.stdout), `callbacks: ${names.join(", ")}`);
+    }
+  });
+});
