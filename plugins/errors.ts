@@ -93,10 +93,13 @@ export class NbdError extends Error {
 
 /**
  * The errno of any thrown value: an {@linkcode NbdError}'s own (also one from
- * another copy of this module, recognised by its name), EIO for anything
- * else, and EIO for an errno that is not one of ours (a plugin in plain
- * JavaScript is not held to the {@linkcode Errno} type). Never throws, even
- * for a Proxy whose traps throw: a plugin's error fails its request only.
+ * another copy of this module, recognised by its name), or the `code` of a
+ * system error a plugin let through (`ENOSPC` from a write, as a C plugin's
+ * errno reaches nbdkit), with EROFS as EPERM and EDQUOT and EFBIG as ENOSPC,
+ * as the spec asks; EIO for anything else, and for an errno that is not one
+ * of ours (a plugin in plain JavaScript is not held to the {@linkcode Errno}
+ * type). Never throws, even for a Proxy whose traps throw: a plugin's error
+ * fails its request only.
  *
  * @param err Whatever was thrown.
  * @returns The errno name.
@@ -107,18 +110,29 @@ export class NbdError extends Error {
  * console.assert(errnoOf(new NbdError("EPERM", "read-only")) === "EPERM");
  * console.assert(errnoOf(new TypeError("oops")) === "EIO");
  * console.assert(errnoOf(Object.create(null)) === "EIO");
+ * console.assert(errnoOf(Object.assign(new Error("full"), { code: "EDQUOT" })) === "ENOSPC");
  * ```
  */
 export function errnoOf(err: unknown): Errno {
   try {
     if (typeof err !== "object" || err === null) return "EIO";
-    if (!(err instanceof NbdError) && (err as Error).name !== "NbdError") return "EIO";
-    const errno = (err as { errno?: unknown }).errno;
-    return typeof errno === "string" && Object.hasOwn(ERRNO_VALUES, errno) ? errno as Errno : "EIO";
+    const ours = err instanceof NbdError || (err as Error).name === "NbdError";
+    const name = ours ? (err as { errno?: unknown }).errno : (err as { code?: unknown }).code;
+    if (typeof name !== "string") return "EIO";
+    if (Object.hasOwn(ERRNO_VALUES, name)) return name as Errno;
+    return Object.hasOwn(ERRNO_ALIASES, name) ? ERRNO_ALIASES[name] : "EIO";
   } catch {
     return "EIO";
   }
 }
+
+/** System errors the spec (and nbdkit) reports as one of NBD's. */
+const ERRNO_ALIASES: Readonly<Record<string, Errno>> = {
+  EROFS: "EPERM",
+  EDQUOT: "ENOSPC",
+  EFBIG: "ENOSPC",
+  EOPNOTSUPP: "ENOTSUP",
+};
 
 /**
  * The message of any thrown value, on one line. Never throws, even for an

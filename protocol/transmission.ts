@@ -23,6 +23,7 @@ import {
   NBD_EINVAL,
   NBD_ENOMEM,
   NBD_ENOSPC,
+  NBD_ENOTSUP,
   NBD_EOVERFLOW,
   NBD_EPERM,
   NBD_ESHUTDOWN,
@@ -515,7 +516,13 @@ export async function transmission(
    */
   const fail = (req: Request, err: unknown): Promise<void> | undefined => {
     options.error(`${commandName(req.type)}: ${messageOf(err)}`);
-    return sendError(req, ERRNO_VALUES[errnoOf(err)]);
+    let errno = ERRNO_VALUES[errnoOf(err)];
+    // As the spec asks, and nbdkit does: ENOTSUP only for a fast zero and
+    // EOVERFLOW only for an unfragmented read; elsewhere a client may not
+    // know them, and gets EINVAL.
+    if (errno === NBD_ENOTSUP && !(req.flags & NBD_CMD_FLAG_FAST_ZERO)) errno = NBD_EINVAL;
+    if (errno === NBD_EOVERFLOW && !(req.flags & NBD_CMD_FLAG_DF)) errno = NBD_EINVAL;
+    return sendError(req, errno);
   };
 
   const release = () => {

@@ -124,3 +124,74 @@ export default definePlugin({
     }
   });
 });
+
+test("errors a plugin throws reach the client as nbdkit's do", async () => {
+  requireTool("nbdkit");
+  // Each request fails with the errno named in the environment; the client
+  // prints the errno it got for a plain read, an unfragmented read, a
+  // write and a fast zero.
+  const py = `import errno
+def got(f):
+    try:
+        f()
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errnum)
+print(got(lambda: h.pread(512, 0)), got(lambda: h.pread_structured(512, 0, lambda *a: 0, nbd.CMD_FLAG_DF)),
+      got(lambda: h.pwrite(b"x" * 512, 0)), got(lambda: h.zero(512, 0, nbd.CMD_FLAG_FAST_ZERO)))`;
+  const script = `nbdsh -u "$uri" -c ${shQuote(py)}`;
+  await withScratch(async (dir) => {
+    const file = join(dir, "failing.ts");
+    // NbdError for NBD's own errnos; a system error's code for the others,
+    // as a plugin that lets a failed write's error through would throw it.
+    writeFileSync(
+      file,
+      `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+const NBD = ["EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN"];
+let name = "EIO";
+const fail = () => {
+  // deno-lint-ignore no-explicit-any
+  if (NBD.includes(name)) throw new NbdError(name as any, "failed on purpose");
+  throw Object.assign(new Error("failed on purpose"), { code: name });
+};
+export default definePlugin({
+  name: "failing",
+  config: (_key, value) => { name = value; },
+  open: () => null,
+  getSize: () => 1 << 20,
+  pread: fail,
+  pwrite: fail,
+  zero: fail,
+  canFastZero: () => true,
+});
+`,
+    );
+    const fails = (name: string) => `echo ${name} failed on purpose >&2; exit 1`;
+    for (
+      const name of [
+        "EPERM",
+        "EIO",
+        "ENOMEM",
+        "EINVAL",
+        "ENOSPC",
+        "EOVERFLOW",
+        "ENOTSUP",
+        "ESHUTDOWN",
+        "EROFS",
+        "EDQUOT",
+        "EFBIG",
+        "EOPNOTSUPP",
+      ]
+    ) {
+      const mine = await captive([file, `errno=${name}`], script);
+      assert.equal(mine.status, 0, mine.stderr);
+      const peer = sh(
+        `nbdkit -U - eval get_size='echo 1048576' ${
+          ["pread", "pwrite", "zero"].map((m) => `${m}=${shQuote(fails(name))}`).join(" ")
+        } can_fast_zero='exit 0' --run ${shQuote(script)}`,
+      );
+      assert.equal(peer.status, 0, peer.stderr);
+      assert.equal(mine.stdout, peer.stdout, name);
+    }
+  });
+});
