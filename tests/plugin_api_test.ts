@@ -195,3 +195,39 @@ export default definePlugin({
     }
   });
 });
+
+test("listExports, descriptions and defaultExport: nbdinfo sees nbdkit's list", async () => {
+  requireTool("nbdkit");
+  await withScratch(async (dir) => {
+    const file = join(dir, "listing.ts");
+    writeFileSync(
+      file,
+      `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+export default definePlugin({
+  name: "listing",
+  listExports: () => [{ name: "a", description: "first" }, { name: "b" }],
+  defaultExport: () => "b",
+  open: ({ exportName }) => exportName,
+  getSize: (name) => name === "a" ? 1 << 20 : 1 << 21,
+  pread: (_h, buf) => void buf.fill(0),
+});
+`,
+    );
+    // Without the URIs, which name each server's own socket.
+    const script = 'nbdinfo --list --json "$uri" | grep -v "\\"uri\\""; ' +
+      'nbdinfo --json "$uri" | grep -E "export-(name|size)\\""';
+    const mine = await captive([file], script);
+    assert.equal(mine.status, 0, mine.stderr);
+    const peer = sh(
+      `nbdkit -U - eval list_exports=${shQuote('printf "INTERLEAVED\\na\\nfirst\\nb\\n\\n"')} ` +
+        `default_export='echo b' get_size=${
+          shQuote('if [ "$(cat $tmpdir/name)" = a ]; then echo 1048576; else echo 2097152; fi')
+        } open=${shQuote('echo -n "$3" > $tmpdir/name')} pread='head -c $3 /dev/zero' ` +
+        `--run ${shQuote(script)}`,
+    );
+    assert.equal(peer.status, 0, peer.stderr);
+    assert.equal(mine.stdout, peer.stdout);
+    assert.match(mine.stdout, /"export-name": "a",\n\t"description": "first",/);
+    assert.match(mine.stdout, /"export-name": "b",\n\t"export-size": 2097152,\n$/);
+  });
+});
