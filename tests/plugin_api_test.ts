@@ -231,3 +231,55 @@ export default definePlugin({
     assert.match(mine.stdout, /"export-name": "b",\n\t"export-size": 2097152,\n$/);
   });
 });
+
+test("extents a plugin reports: nbdinfo --map and REQ_ONE block status as nbdkit's", async () => {
+  requireTool("nbdkit");
+  // 1 MiB: data, a hole of zeroes, zeroes that are allocated, data again.
+  const layout = [[0, 65536, 0], [65536, 131072, 3], [196608, 65536, 2], [262144, 786432, 0]];
+  const py = "for off in (0, 70000, 196608, 300000):\n" +
+    "    h.block_status(4096, off, lambda m, o, e, err: print(o, e), nbd.CMD_FLAG_REQ_ONE)";
+  const script =
+    `nbdinfo --map "$uri"; nbdinfo --map --totals "$uri"; nbdsh --base-allocation -u "$uri" -c ${
+      shQuote(py)
+    }`;
+  await withScratch(async (dir) => {
+    for (const onlyFirst of [false, true]) {
+      const file = join(dir, `extents${onlyFirst}.ts`);
+      // With onlyFirst, the plugin reports just the extent at the offset,
+      // and the client asks again for the rest.
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+const layout = ${JSON.stringify(layout)};
+export default definePlugin({
+  name: "extents",
+  open: () => null,
+  getSize: () => 1 << 20,
+  pread: (_h, buf) => void buf.fill(0),
+  extents: (_h, count, offset, _flags, sink) => {
+    for (const [o, l, t] of layout) {
+      if (o + l <= offset || o >= offset + count) continue;
+      sink.add(o, l, t);
+      if (${onlyFirst}) return;
+    }
+  },
+});
+`,
+      );
+      const awk = onlyFirst
+        ? "{ if ($1 + $2 > o && $1 < o + c) { print; exit } }"
+        : "{ if ($1 + $2 > o && $1 < o + c) print }";
+      const table = layout.map((e) => e.join(" ")).join("\\n");
+      const extents = `printf '${table}\\n' | awk -v o=$4 -v c=$3 '${awk}'`;
+      const mine = await captive([file], script);
+      assert.equal(mine.status, 0, mine.stderr);
+      const peer = sh(
+        `nbdkit -U - eval get_size='echo 1048576' pread='head -c $3 /dev/zero' ` +
+          `extents=${shQuote(extents)} --run ${shQuote(script)}`,
+      );
+      assert.equal(peer.status, 0, peer.stderr);
+      assert.equal(mine.stdout, peer.stdout, `only the first extent: ${onlyFirst}`);
+      assert.match(mine.stdout, /^ +65536 +131072 +3 +hole,zero$/m);
+    }
+  });
+});
