@@ -238,13 +238,15 @@ class PluginSession<H> implements ExportSession {
     }
     if (o.fastZero) throw new NbdError("ENOTSUP", "fast zero is not supported by this plugin");
     zeroBuffer ??= new Uint8Array(ZERO_CHUNK);
+    // FUA goes with each write when the plugin does FUA itself, as nbdkit's.
+    const flags = native ? WRITE_FUA : WRITE_NO_FUA;
     for (let done = 0; done < count; done += ZERO_CHUNK) {
       const n = Math.min(ZERO_CHUNK, count - done);
       await this.#call(() =>
-        this.#p.pwrite!(this.#h, zeroBuffer!.subarray(0, n), offset + done, { fua: false })
+        this.#p.pwrite!(this.#h, zeroBuffer!.subarray(0, n), offset + done, flags)
       );
     }
-    if (o.fua) await this.flush();
+    if (o.fua && !native) await this.flush();
   }
 
   async cache(count: number, offset: number): Promise<void> {

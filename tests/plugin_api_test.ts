@@ -6,7 +6,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { captive, requireTool, ROOT, sh, shQuote, withScratch } from "./helpers.ts";
 
@@ -280,6 +280,63 @@ export default definePlugin({
       assert.equal(peer.status, 0, peer.stderr);
       assert.equal(mine.stdout, peer.stdout, `only the first extent: ${onlyFirst}`);
       assert.match(mine.stdout, /^ +65536 +131072 +3 +hole,zero$/m);
+    }
+  });
+});
+
+test("what the server emulates (FUA, zeroes, cache) calls the plugin as nbdkit's does", async () => {
+  requireTool("nbdkit");
+  const py = "h.pwrite(b'x' * 512, 0, nbd.CMD_FLAG_FUA); h.zero(8192, 4096, nbd.CMD_FLAG_FUA); " +
+    "h.trim(4096, 65536, nbd.CMD_FLAG_FUA); h.cache(300000, 0); h.flush()";
+  const script = `nbdsh -u "$uri" -c ${shQuote(py)}`;
+  await withScratch(async (dir) => {
+    const log = join(dir, "calls");
+    for (const fua of ["emulate", "native"]) {
+      const file = join(dir, `calls-${fua}.ts`);
+      // Each call of the plugin, one line: what it was asked, with FUA when
+      // it is asked to do FUA itself. (Requests stay at 1 MiB or less: above
+      // that ours writes zeroes and reads for CACHE 1 MiB at a time, where
+      // nbdkit makes one call of up to 64 MiB.)
+      writeFileSync(
+        file,
+        `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+import { appendFileSync } from "node:fs";
+const log = (line: string) => appendFileSync(${JSON.stringify(log)}, line + "\\n");
+export default definePlugin({
+  name: "calls",
+  open: () => null,
+  getSize: () => 1 << 20,
+  pread: (_h, buf, offset) => { log(\`pread \${buf.length} \${offset}\`); buf.fill(0); },
+  pwrite: (_h, buf, offset, f) => log(\`pwrite \${buf.length} \${offset} \${f.fua ? "fua" : ""}\`),
+  flush: () => log("flush"),
+  trim: (_h, count, offset, f) => log(\`trim \${count} \${offset} \${f.fua ? "fua" : ""}\`),
+  canFua: () => "${fua}",
+  canCache: () => "emulate",
+});
+`,
+      );
+      rmSync(log, { force: true });
+      const mine = await captive([file], script);
+      assert.equal(mine.status, 0, mine.stderr);
+      const ours = readFileSync(log, "utf8");
+      rmSync(log);
+      const calls = (m: string) => shQuote(`echo ${m} $3 $4 $5 >> ${log}`);
+      const peer = sh(
+        `nbdkit -U - eval get_size='echo 1048576' ` +
+          `pread=${shQuote(`echo pread $3 $4 >> ${log}; head -c $3 /dev/zero`)} ` +
+          `pwrite=${shQuote(`cat >/dev/null; echo pwrite $3 $4 $5 >> ${log}`)} ` +
+          `trim=${calls("trim")} flush=${shQuote(`echo flush >> ${log}`)} ` +
+          `can_fua='echo ${fua}' can_cache='echo emulate' --run ${shQuote(script)}`,
+      );
+      assert.equal(peer.status, 0, peer.stderr);
+      const theirs = readFileSync(log, "utf8");
+      assert.equal(ours.replace(/ +$/gm, ""), theirs.replace(/ +$/gm, ""), `FUA ${fua}`);
+      assert.match(
+        ours,
+        fua === "native"
+          ? /^pwrite 512 0 fua\npwrite 8192 4096 fua\ntrim 4096 65536 fua\n/
+          : /^pwrite 512 0 ?\nflush\n/,
+      );
     }
   });
 });
