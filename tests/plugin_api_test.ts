@@ -340,3 +340,48 @@ export default definePlugin({
     }
   });
 });
+
+test("the flags a plugin's zero is given are nbdkit's: fua, may_trim, fast", async () => {
+  requireTool("nbdkit");
+  const py = "h.zero(8192, 4096, nbd.CMD_FLAG_FUA); h.zero(4096, 0, nbd.CMD_FLAG_NO_HOLE); " +
+    "h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO); " +
+    "h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)";
+  const script = `nbdsh -u "$uri" -c ${shQuote(py)}`;
+  await withScratch(async (dir) => {
+    const log = join(dir, "zeroes");
+    const file = join(dir, "zeroes.ts");
+    writeFileSync(
+      file,
+      `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+import { appendFileSync } from "node:fs";
+export default definePlugin({
+  name: "zeroes",
+  open: () => null,
+  getSize: () => 1 << 20,
+  pread: (_h, buf) => void buf.fill(0),
+  pwrite: () => {},
+  zero: (_h, count, offset, f) => {
+    // In the order nbdkit's sh and eval plugins print them.
+    const flags = [f.fua && "fua", f.mayTrim && "may_trim", f.fastZero && "fast"].filter(Boolean);
+    appendFileSync(${JSON.stringify(log)}, \`zero \${count} \${offset} \${flags.join(",")}\\n\`);
+  },
+  canFua: () => "native",
+  canFastZero: () => true,
+});
+`,
+    );
+    const mine = await captive([file], script);
+    assert.equal(mine.status, 0, mine.stderr);
+    const ours = readFileSync(log, "utf8");
+    rmSync(log);
+    const peer = sh(
+      `nbdkit -U - eval get_size='echo 1048576' pread='head -c $3 /dev/zero' pwrite='cat >/dev/null' ` +
+        `zero=${shQuote(`echo zero $3 $4 $5 >> ${log}`)} can_fua='echo native' ` +
+        `can_fast_zero='exit 0' --run ${shQuote(script)}`,
+    );
+    assert.equal(peer.status, 0, peer.stderr);
+    const theirs = readFileSync(log, "utf8");
+    assert.equal(ours.replace(/ +$/gm, ""), theirs.replace(/ +$/gm, ""));
+    assert.equal(theirs.split("\n")[0], "zero 8192 4096 fua,may_trim");
+  });
+});
