@@ -98,7 +98,7 @@ interface SocketListener {
 
 type SocketOptions =
   & { allowHalfOpen?: boolean; socket: SocketHandler }
-  & ({ hostname: string; port: number } | { unix: string });
+  & ({ hostname: string; port: number; ipv6Only?: boolean } | { unix: string });
 
 declare const Bun: {
   readonly version: string;
@@ -337,12 +337,13 @@ export const bunRuntime: Runtime = {
   name: "bun",
   version: Bun.version,
 
-  listenTcp(hostname, port, onConnection): Promise<Listener> {
+  listenTcp(hostname, port, onConnection, options): Promise<Listener> {
     // The executor turns Bun.listen's synchronous throw (EADDRINUSE …) into a rejection.
     return new Promise((resolve) => {
       const l = Bun.listen({
         hostname,
         port,
+        ipv6Only: options?.ipv6Only ?? false,
         allowHalfOpen: true,
         socket: handlers(onConnection, true),
       });

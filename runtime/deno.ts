@@ -20,6 +20,7 @@ import { FIONREAD, pacedPipeWritable, writeOutcome } from "./paced_pipe.ts";
 import { denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
 import { kindOf, openDenoFile } from "./deno_file.ts";
+import { listenV6Only } from "./deno_v6only.ts";
 
 const encoder = new TextEncoder();
 
@@ -250,7 +251,13 @@ export const denoRuntime: Runtime = {
     for (const ms of [600, 1500, 3000]) Deno.unrefTimer(setTimeout(reset, ms));
   },
 
-  listenTcp(hostname, port, onConnection): Promise<Listener> {
+  async lookup(hostname, family) {
+    const { nodeRuntime } = await import("./node.ts");
+    return await nodeRuntime.lookup(hostname, family);
+  },
+
+  listenTcp(hostname, port, onConnection, options): Promise<Listener> {
+    if (options?.ipv6Only && hostname === "::") return listenV6Only(port, onConnection);
     const listener = Deno.listen({ hostname, port, transport: "tcp" });
     const addr = listener.addr as Deno.NetAddr;
     acceptLoop(listener, onConnection, true);

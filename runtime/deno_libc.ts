@@ -46,6 +46,13 @@ const SYMBOLS = {
   lseek64_now: { name: "lseek64", parameters: ["i32", "i64", "i32"], result: "i64" },
   // SIGUSR1 back to its default action (runtime/deno.ts: endOnSigusr1).
   signal: { parameters: ["i32", "usize"], result: "usize" },
+  // A TCP listener on `::` for IPv6 alone (deno_v6only.ts): Deno.listen has
+  // no IPV6_V6ONLY.
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   // Returns the error number itself: no second call needed.
   posix_fadvise64: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;

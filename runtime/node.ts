@@ -5,6 +5,7 @@
  * @module
  */
 import * as net from "node:net";
+import * as dns from "node:dns/promises";
 import * as fs from "node:fs";
 import * as fsp from "node:fs/promises";
 import { spawn } from "node:child_process";
@@ -979,12 +980,13 @@ export const nodeRuntime: Runtime = {
     process.on("SIGUSR1", () => exitNow(128 + 10));
   },
 
-  async listenTcp(hostname, port, onConnection): Promise<Listener> {
+  async listenTcp(hostname, port, onConnection, options): Promise<Listener> {
     const server = net.createServer({ allowHalfOpen: true, noDelay: true }, (sock) => {
       sock.setNoDelay(true);
       onConnection(socketConnection(sock));
     });
-    await listenOn(server, (done) => server.listen({ host: hostname, port }, done));
+    const ipv6Only = options?.ipv6Only ?? false;
+    await listenOn(server, (done) => server.listen({ host: hostname, port, ipv6Only }, done));
     const addr = server.address() as net.AddressInfo;
     return {
       address: { transport: "tcp", hostname: addr.address, port: addr.port },
@@ -1007,6 +1009,26 @@ export const nodeRuntime: Runtime = {
       throw err;
     }
     return { address: { transport: "unix", path }, close: () => server.close() };
+  },
+
+  async lookup(hostname, family) {
+    try {
+      const found = await dns.lookup(hostname, { all: true, family });
+      return found.map((a) => a.address);
+    } catch (err) {
+      // getaddrinfo's own words, as nbdkit prints them, not "getaddrinfo ENOTFOUND host".
+      const code = errnoCode(err);
+      throw Object.assign(
+        new Error(
+          code === "ENOTFOUND"
+            ? "Name or service not known"
+            : code === "EAI_AGAIN"
+            ? "Temporary failure in name resolution"
+            : String((err as Error).message),
+        ),
+        { code },
+      );
+    }
   },
 
   async listenFd(fd, onConnection): Promise<Listener> {

@@ -196,13 +196,20 @@ export interface Runtime {
   /**
    * Listen on TCP at `hostname` (`::` or `0.0.0.0` for every address of one
    * family: server/serve.ts decides what "every address" means); `onConnection`
-   * is called for each accepted client.
+   * is called for each accepted client. `ipv6Only` keeps `::` from taking
+   * IPv4 clients too (`-6`); on Deno it needs FFI.
    */
   listenTcp(
     hostname: string,
     port: number,
     onConnection: (conn: Connection) => void,
+    options?: { ipv6Only?: boolean },
   ): Promise<Listener>;
+  /**
+   * The addresses of one family a host name resolves to (`getaddrinfo`, so
+   * `/etc/hosts` counts), in the resolver's order; rejects when it has none.
+   */
+  lookup(hostname: string, family: 4 | 6): Promise<string[]>;
   /**
    * Listen on a Unix socket at `path`, replacing a stale socket file; a
    * socket somebody listens on is refused with "PATH: Address already in use".

@@ -11,6 +11,8 @@ export interface CliArgs {
   unixSocket?: string;
   port?: number;
   ipaddr?: string;
+  /** `-4` or `-6`, the last one given. */
+  family?: 4 | 6;
   foreground: boolean;
   readonly: boolean;
   exportName: string;
@@ -52,12 +54,14 @@ export class UsageError extends Error {
 /** Requests in flight per connection without `-t` (or with `-t 0`). */
 const DEFAULT_THREADS = 16;
 
-type Spec = { name: keyof CliArgs | "ignore" | "newstyle"; arg: boolean };
+type Spec = { name: keyof CliArgs | "ignore" | "newstyle" | "ipv4" | "ipv6"; arg: boolean };
 
 const LONG: Record<string, Spec> = {
   unix: { name: "unixSocket", arg: true },
   port: { name: "port", arg: true },
   ipaddr: { name: "ipaddr", arg: true },
+  "ipv4-only": { name: "ipv4", arg: false },
+  "ipv6-only": { name: "ipv6", arg: false },
   foreground: { name: "foreground", arg: false },
   "no-fork": { name: "foreground", arg: false },
   readonly: { name: "readonly", arg: false },
@@ -97,6 +101,8 @@ const SHORT: Record<string, string> = {
   U: "unix",
   p: "port",
   i: "ipaddr",
+  "4": "ipv4-only",
+  "6": "ipv6-only",
   f: "foreground",
   r: "readonly",
   e: "exportname",
@@ -120,11 +126,6 @@ const UNSUPPORTED: Record<string, string> = {
   group: "changing group is not supported; use your service manager",
   g: "changing group is not supported; use your service manager",
   swap: "--swap is not supported",
-  "4": "not supported; -i 0.0.0.0 listens on every IPv4 address only",
-  "ipv4-only": "not supported; -i 0.0.0.0 listens on every IPv4 address only",
-  "6": "not supported; give an IPv6 address with -i (without -i, IPv6 and IPv4 are both served)",
-  "ipv6-only":
-    "not supported; give an IPv6 address with -i (without -i, IPv6 and IPv4 are both served)",
   "selinux-label": "--selinux-label is not supported",
 };
 
@@ -167,6 +168,10 @@ function apply(args: CliArgs, option: string, spec: Spec, value: string | undefi
         throw new UsageError(`--log: '${v}' must be stderr or null`);
       }
       args.log = v;
+      return;
+    case "ipv4":
+    case "ipv6":
+      args.family = spec.name === "ipv4" ? 4 : 6;
       return;
     case "ignore":
     case "newstyle":

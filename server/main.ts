@@ -26,7 +26,7 @@ const DAEMON_ENV = "NBDKIT_TS_DAEMON";
 const NOTICE_MS = 2000;
 
 /** How to call it: the start of `--help`, and all of `PLUGIN --help` before the plugin's part. */
-const SYNOPSIS = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-f] [-r] [-e EXPORTNAME]
+const SYNOPSIS = `nbdkit-ts [-U SOCKET|-] [-p PORT] [-i IPADDR] [-4|-6] [-f] [-r] [-e EXPORTNAME]
           [-s] [--run 'COMMAND ARGS ...'] [-P PIDFILE] [--exit-with-parent]
           [-t THREADS] [--no-sr] [--no-mc] [--mask-handshake=MASK]
           [--print-uri] [-v] [--log=stderr|null] [--timeout=SECS]
@@ -52,6 +52,8 @@ Options:
   -U, --unix SOCKET|-     Listen on a Unix socket ('-': a private one, for --run).
   -p, --port PORT         Listen on TCP port PORT (default 10809).
   -i, --ipaddr IPADDR     Listen on this address only.
+  -4, --ipv4-only         Without -i: every IPv4 address only; with -i NAME: its IPv4 addresses.
+  -6, --ipv6-only         The same for IPv6 (no IPv4 clients through '::').
   -f, --foreground        Do not go to the background once listening.
   -r, --readonly          Every client is read-only.
   -e, --exportname NAME   The name of the default export (for LIST and $uri).
@@ -499,6 +501,7 @@ export async function main(argv: string[]): Promise<number> {
       unixSocket: unixSocket === undefined ? undefined : runtime.resolvePath(unixSocket),
       port: args.port,
       hostname: args.ipaddr,
+      family: args.family,
       stdio: args.single,
       listenFds,
       readonly: args.readonly,

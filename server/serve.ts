@@ -40,6 +40,12 @@ export interface ServeOptions {
   port?: number;
   /** The TCP address to bind (every IPv6 and IPv4 address when absent). */
   hostname?: string;
+  /**
+   * `-4` or `-6`: without `hostname`, listen on every address of that family
+   * only (`0.0.0.0`, or `::` without IPv4 clients); with a host name, listen
+   * on each of its addresses of that family.
+   */
+  family?: 4 | 6;
   /** Serve exactly one connection on stdin/stdout (`-s`). */
   stdio?: boolean;
   /**
@@ -144,6 +150,42 @@ async function listenEverywhere(
   } catch {
     return [v6]; // dual-stack: IPv4 clients come in through `::`
   }
+}
+
+/**
+ * Listen on each address of one family that `hostname` stands for, as
+ * nbdkit's `-4`/`-6` with `-i`: a numeric address of the other family, or a
+ * name without one of this family, is refused. With port 0, the port the
+ * first listener got is asked for the others.
+ */
+async function listenOnFamily(
+  hostname: string,
+  family: 4 | 6,
+  port: number,
+  accept: (conn: Connection) => void,
+): Promise<Listener[]> {
+  const numeric = hostname.includes(":") ? 6 : /^[0-9.]+$/.test(hostname) ? 4 : null;
+  if (numeric !== null && numeric !== family) {
+    throw new Error(`cannot listen on ${hostname}: not an IPv${family} address (-${family})`);
+  }
+  const addresses = numeric !== null ? [hostname] : await runtime.lookup(hostname, family).catch(
+    (err) => {
+      throw new Error(`cannot listen on ${hostname} (-${family}): ${messageOf(err)}`);
+    },
+  );
+  const listeners: Listener[] = [];
+  try {
+    for (const address of addresses) {
+      const bound = listeners[0]?.address;
+      const p = bound?.transport === "tcp" ? bound.port : port;
+      const where = `${family === 6 ? `[${address}]` : address}:${p}`;
+      listeners.push(await listening(where, where, () => runtime.listenTcp(address, p, accept)));
+    }
+  } catch (err) {
+    for (const l of listeners) l.close();
+    throw err;
+  }
+  return listeners;
 }
 
 /** The default NBD port (IANA's), where a server listens without `port` or `unixSocket`. */
@@ -350,11 +392,34 @@ export async function startServer<H>(
       () => runtime.listenUnix(path, accept),
     );
     listeners.push(unix);
+  } else if (options.hostname !== undefined && options.family !== undefined) {
+    listeners.push(
+      ...await listenOnFamily(
+        options.hostname,
+        options.family,
+        options.port ?? NBD_DEFAULT_PORT,
+        accept,
+      ),
+    );
   } else if (options.hostname !== undefined) {
     const { hostname } = options;
     const port = options.port ?? NBD_DEFAULT_PORT;
     const where = `${hostname}:${port}`;
     listeners.push(await listening(where, where, () => runtime.listenTcp(hostname, port, accept)));
+  } else if (options.family === 4) {
+    const port = options.port ?? NBD_DEFAULT_PORT;
+    const where = `0.0.0.0:${port}`;
+    listeners.push(await listening(where, where, () => runtime.listenTcp("0.0.0.0", port, accept)));
+  } else if (options.family === 6) {
+    const port = options.port ?? NBD_DEFAULT_PORT;
+    const where = `[::]:${port}`;
+    listeners.push(
+      await listening(
+        where,
+        where,
+        () => runtime.listenTcp("::", port, accept, { ipv6Only: true }),
+      ),
+    );
   } else {
     listeners.push(...await listenEverywhere(options.port ?? NBD_DEFAULT_PORT, accept));
   }
