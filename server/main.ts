@@ -56,7 +56,7 @@ Options:
   -6, --ipv6-only         The same for IPv6 (no IPv4 clients through '::').
   -f, --foreground        Do not go to the background once listening.
   -r, --readonly          Every client is read-only.
-  -e, --exportname NAME   The name of the default export (for LIST and $uri).
+  -e, --exportname NAME   The export that --run's $uri names (what is served does not change).
   -s, --single            Serve one client on stdin/stdout, then exit.
   --run 'COMMAND'         Captive mode: run COMMAND with $uri, $nbd, $unixsocket,
                           $port, $exportname, $tls set; exit with its status.
@@ -505,7 +505,6 @@ export async function main(argv: string[]): Promise<number> {
       stdio: args.single,
       listenFds,
       readonly: args.readonly,
-      exportName: args.exportName,
       threads: args.threads,
       structuredReplies: !args.noSr,
       metaContexts: !args.noMc,

@@ -55,7 +55,11 @@ export interface ServeOptions {
   listenFds?: number[];
   /** `-r`: read-only for every client. */
   readonly?: boolean;
-  /** `-e`: the default export's name. */
+  /**
+   * The name `NBD_OPT_LIST` shows for a plugin without `listExports` ("":
+   * the default export). The command line's `-e` does not set it: as
+   * nbdkit's, that changes only `$uri` for `--run`.
+   */
   exportName?: string;
   /** `-t`: requests in flight per connection (16). */
   threads?: number;
