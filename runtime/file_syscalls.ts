@@ -9,7 +9,7 @@
  *
  * @module
  */
-import type { RandomAccessFile } from "./types.ts";
+import type { FileKind, RandomAccessFile } from "./types.ts";
 import { ERRNO } from "./errno.ts";
 
 /**
@@ -183,4 +183,19 @@ export function sysfsSizePath(rdev: number): string {
   const major = ((low >>> 8) & 0xfff) | ((high & 0xfffff000) >>> 0);
   const minor = ((low & 0xff) | ((low >>> 12) & 0xfff00) | ((high & 0xfff) << 20)) >>> 0;
   return `/sys/dev/block/${major}:${minor}/size`;
+}
+
+/**
+ * The error for a FIFO or socket where a file for random access was asked
+ * for (the runtimes' openFile refuse them rather than wait for a peer).
+ *
+ * @param path What was opened.
+ * @param kind What it turned out to be.
+ * @returns An error with code EINVAL.
+ */
+export function notRandomAccess(path: string, kind: FileKind): Error {
+  const what = kind === "fifo" ? "a FIFO" : "a socket";
+  return Object.assign(new Error(`${path}: is ${what}, not a file for random access`), {
+    code: "EINVAL",
+  });
 }

@@ -43,6 +43,7 @@ import {
   type FileExtras,
   fileExtras,
   type FileSyscalls,
+  notRandomAccess,
   SEEK_END,
   syscallError,
   sysfsSizePath,
@@ -881,10 +882,14 @@ export async function openNodeFile(
   write: boolean,
   syscalls: () => Promise<FileSyscalls | null>,
 ): Promise<RandomAccessFile> {
-  const { O_RDONLY, O_RDWR } = fs.constants;
-  const fd = await openFd(path, write ? O_RDWR : O_RDONLY);
+  const { O_RDONLY, O_RDWR, O_NONBLOCK } = fs.constants;
+  // Nonblocking: a FIFO at the path (put there after the caller looked)
+  // would hold a pool thread until a writer came. Files and block devices
+  // ignore the flag.
+  const fd = await openFd(path, (write ? O_RDWR : O_RDONLY) | O_NONBLOCK);
   try {
     const kind = kindOf(await fstatFd(fd));
+    if (kind === "fifo" || kind === "socket") throw notRandomAccess(path, kind);
     return new NodeFile(fd, await syscalls(), kind);
   } catch (err) {
     await closeFd(fd);

@@ -286,6 +286,15 @@ test("openFile: pwrite, pread, size, sync", async () => {
     const device = await runtime.openFile("/dev/null", { write: true });
     assert.equal(device.kind, "char");
     await device.close();
+    // A FIFO is refused at once, whichever way it is opened: waiting for a
+    // writer (read-only) would hang whoever asked.
+    await runtime.mkfifo(`${dir}/fifo`);
+    for (const write of [false, true]) {
+      await assert.rejects(
+        runtime.openFile(`${dir}/fifo`, { write }),
+        (err: Error & { code?: string }) => err.code === "EINVAL" && /is a FIFO/.test(err.message),
+      );
+    }
   } finally {
     cleanup();
   }
