@@ -24,7 +24,7 @@ import type {
   ExportSession,
   ZeroOptions,
 } from "../protocol/session.ts";
-import { NbdError } from "../plugins/errors.ts";
+import { errnoOf, NbdError } from "../plugins/errors.ts";
 import type {
   Awaitable,
   BlockSize,
@@ -232,8 +232,9 @@ class PluginSession<H> implements ExportSession {
         if (o.fua && !native) await this.flush();
         return;
       } catch (err) {
-        // A plugin may refuse with ENOTSUP to ask for the emulation, as in nbdkit.
-        if (!(err instanceof NbdError && err.errno === "ENOTSUP") || o.fastZero) throw err;
+        // A plugin may refuse with ENOTSUP (or a system error's EOPNOTSUPP) to
+        // ask for the emulation, as in nbdkit.
+        if (errnoOf(err) !== "ENOTSUP" || o.fastZero) throw err;
       }
     }
     if (o.fastZero) throw new NbdError("ENOTSUP", "fast zero is not supported by this plugin");

@@ -94,6 +94,37 @@ export default definePlugin({
   });
 });
 
+test("a zero refused with ENOTSUP or a system error's EOPNOTSUPP is written with pwrite, as nbdkit's", async () => {
+  await withScratch(async (dir) => {
+    for (
+      const refusal of [
+        'new NbdError("ENOTSUP", "no")',
+        'Object.assign(new Error("no"), { code: "EOPNOTSUPP" })',
+      ]
+    ) {
+      const file = join(dir, "refusing.ts");
+      writeFileSync(
+        file,
+        `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+const disk = new Uint8Array(1 << 20).fill(0xaa);
+export default definePlugin({
+  name: "refusing",
+  open: () => null,
+  getSize: () => disk.length,
+  pread: (_h, buf, offset) => void buf.set(disk.subarray(offset, offset + buf.length)),
+  pwrite: (_h, buf, offset) => void disk.set(buf, offset),
+  zero: () => { throw ${refusal}; },
+});
+`,
+      );
+      const py = "h.zero(8192, 4096); print(h.pread(16384, 0).count(0))";
+      const r = await captive([file], `nbdsh -u "$uri" -c ${shQuote(py)}`);
+      assert.equal(r.status, 0, `${refusal}: ${r.stderr}`);
+      assert.equal(r.stdout, "8192\n", refusal);
+    }
+  });
+});
+
 test("the export's flags follow from the callbacks as nbdkit's do", async () => {
   requireTool("nbdkit");
   await withScratch(async (dir) => {
