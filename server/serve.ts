@@ -178,12 +178,18 @@ async function listenOnFamily(
     },
   );
   const listeners: Listener[] = [];
+  // `-6` keeps IPv4 clients off `::` too, as nbdkit's IPV6_V6ONLY on every
+  // IPv6 socket does.
+  const options = { ipv6Only: family === 6 };
   try {
-    for (const address of addresses) {
+    // A name on two lines of /etc/hosts comes back twice: one listener each.
+    for (const address of new Set(addresses)) {
       const bound = listeners[0]?.address;
       const p = bound?.transport === "tcp" ? bound.port : port;
       const where = `${family === 6 ? `[${address}]` : address}:${p}`;
-      listeners.push(await listening(where, where, () => runtime.listenTcp(address, p, accept)));
+      listeners.push(
+        await listening(where, where, () => runtime.listenTcp(address, p, accept, options)),
+      );
     }
   } catch (err) {
     for (const l of listeners) l.close();

@@ -287,6 +287,7 @@ except nbd.Error:
         [["-6", "-4"], "127.0.0.1 served\n[::1] refused\n"],
         [["-4", "-i", "localhost"], "127.0.0.1 served\n[::1] refused\n"],
         [["-6", "-i", "::1"], "127.0.0.1 refused\n[::1] served\n"],
+        [["-6", "-i", "::"], "127.0.0.1 refused\n[::1] served\n"],
       ] as const
     ) {
       const port = await freePort();
