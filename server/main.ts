@@ -423,12 +423,14 @@ export async function main(argv: string[]): Promise<number> {
   // background commands with SIGINT and SIGQUIT ignored, and SIGTERM's
   // default would leave the socket behind).
   let server: Server | undefined;
+  // The pid file once we write it: one there before is somebody else's.
+  let pidfile: string | undefined;
   let stopping: Promise<void> | null = null;
   let stopped = false;
   const stop = () => {
     stopping ??= (async () => {
       await server?.close();
-      if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
+      if (pidfile) await runtime.removeFile(pidfile).catch(() => {});
       if (privateDir) await runtime.removeDir(privateDir).catch(() => {});
       stopped = true;
     })();
@@ -443,7 +445,7 @@ export async function main(argv: string[]): Promise<number> {
     if (exiting) return;
     exiting = true;
     const removals = [
-      args.pidfile ? runtime.removeFile(args.pidfile) : null,
+      pidfile ? runtime.removeFile(pidfile) : null,
       privateDir ? runtime.removeDir(privateDir) : null,
       server?.address?.transport === "unix" && !privateDir
         ? runtime.removeFile(server.address.path)
@@ -526,11 +528,12 @@ export async function main(argv: string[]): Promise<number> {
   // As nbdkit: nbds:// only when TLS is required (with --tls=on a client may use either).
   if (tls?.required) uri = uri.replace(/^nbd(\+unix)?:/, "nbds$1:");
   if (args.pidfile) {
+    pidfile = args.pidfile;
     try {
-      await runtime.writeTextFile(args.pidfile, `${runtime.pid}\n`);
+      await runtime.writeTextFile(pidfile, `${runtime.pid}\n`);
     } catch (err) {
-      say(`error: ${args.pidfile}: ${osMessage(err)}`);
-      args.pidfile = undefined; // not ours to remove
+      say(`error: ${pidfile}: ${osMessage(err)}`);
+      pidfile = undefined; // not ours to remove
       await stop();
       return 1;
     }
@@ -540,7 +543,7 @@ export async function main(argv: string[]): Promise<number> {
   starting = false;
   if (signalled) {
     await stop();
-    if (args.pidfile) await runtime.removeFile(args.pidfile).catch(() => {});
+    if (pidfile) await runtime.removeFile(pidfile).catch(() => {});
     return 0;
   }
   if (runtime.env(DAEMON_ENV) === "1") {

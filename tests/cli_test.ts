@@ -513,18 +513,20 @@ export default definePlugin({
       }
       // With -U - and -P: the --run command never starts; one signal stops
       // cleanly (0), a second exits at once (1), and either way the private
-      // directory and the pid file go.
+      // directory goes, and the pid file there before (somebody else's,
+      // since ours is written once listening) stays.
       const tmp = join(dir, "tmp");
       mkdirSync(tmp);
       for (const [signals, status] of [[["TERM"], "0"], [["TERM", "TERM"], "1"]] as const) {
         const r = await shAsync(
-          `rm -f ${dir}/starting; TMPDIR=${tmp} ${ourShell()} -U - -P ${dir}/x.pid ${file} \
+          `rm -f ${dir}/starting; echo other > ${dir}/x.pid
+           TMPDIR=${tmp} ${ourShell()} -U - -P ${dir}/x.pid ${file} \
              --run 'touch ${dir}/ran' & pid=$!
            ${shWaitFor(`-e ${dir}/starting`)}
            for s in ${signals.join(" ")}; do kill -$s $pid; sleep 0.2; done
-           wait $pid; echo "status=$?"; ls -A ${tmp}; ls ${dir}/x.pid ${dir}/ran 2>/dev/null`,
+           wait $pid; echo "status=$?"; ls -A ${tmp}; ls ${dir}/ran 2>/dev/null; cat ${dir}/x.pid`,
         );
-        assert.equal(r.stdout, `status=${status}\n`, `${signals}: ${r.stderr}`);
+        assert.equal(r.stdout, `status=${status}\nother\n`, `${signals}: ${r.stderr}`);
       }
     });
   });
