@@ -16,14 +16,17 @@ export const logConfig: { target: LogTarget; verbose: boolean; program: string }
 };
 
 /**
- * The line with its control characters written as `\xNN`: one event, one
- * line. Export names come from clients and messages from plugins, and a
- * newline in either must not forge a log line of its own.
+ * The line with its control characters (C0, DEL and C1) written as `\xNN`,
+ * and U+2028/U+2029 as `\u2028`/`\u2029`: one event, one line. Export names
+ * come from clients and messages from plugins, and a newline in either must
+ * not forge a log line of its own (nor a C1 escape reach a terminal).
  *
  * @example
  * ```ts
  * import { oneLine } from "./log.ts";
- * oneLine("x\nnbdkit-ts: error: forged"); // "x\\x0anbdkit-ts: error: forged"
+ * console.assert(oneLine("x\nnbdkit-ts: error: forged") === "x\\x0anbdkit-ts: error: forged");
+ * console.assert(oneLine("csi\u009b2J, sep\u2028") === "csi\\x9b2J, sep\\u2028");
+ * console.assert(oneLine("déjà vu") === "déjà vu");
  * ```
  */
 export function oneLine(line: string): string {
@@ -31,8 +34,9 @@ export function oneLine(line: string): string {
   let from = 0;
   for (let i = 0; i < line.length; i++) {
     const c = line.charCodeAt(i);
-    if (c >= 0x20 && c !== 0x7f) continue;
-    out += line.slice(from, i) + "\\x" + c.toString(16).padStart(2, "0");
+    if (c >= 0x20 && c < 0x7f || c > 0x9f && c !== 0x2028 && c !== 0x2029) continue;
+    out += line.slice(from, i) +
+      (c > 0xff ? "\\u" + c.toString(16) : "\\x" + c.toString(16).padStart(2, "0"));
     from = i + 1;
   }
   return from === 0 ? line : out + line.slice(from);
