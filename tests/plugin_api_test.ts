@@ -416,3 +416,76 @@ export default definePlugin({
     assert.equal(theirs.split("\n")[0], "zero 8192 4096 fua,may_trim");
   });
 });
+
+test("thread models: how many calls and connections run at once, as nbdkit defines them", async () => {
+  // Two clients at once, each with 4 reads in flight; each read takes 100 ms.
+  const py = `import os, sys, threading
+done = []
+def client():
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    cookies = [h.aio_pread(nbd.Buffer(512), i * 512) for i in range(4)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in cookies)
+    h.shutdown()
+    done.append(True)
+uri = os.environ["uri"]
+threads = [threading.Thread(target=client) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+sys.exit(0 if len(done) == 2 else 1)`;
+  await withScratch(async (dir) => {
+    const report = join(dir, "report.json");
+    const file = join(dir, "models.ts");
+    writeFileSync(
+      file,
+      `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+import { writeFileSync } from "node:fs";
+let model = "parallel";
+let active = 0, maxActive = 0, open = 0, maxOpen = 0, perHandle = 0;
+export default definePlugin({
+  name: "models",
+  config: (_key, value) => { model = value; },
+  get threadModel() { return model; },
+  open: () => { maxOpen = Math.max(maxOpen, ++open); return { active: 0 }; },
+  close: () => { open--; },
+  getSize: () => 1 << 20,
+  async pread(h, buf) {
+    maxActive = Math.max(maxActive, ++active);
+    perHandle = Math.max(perHandle, ++h.active);
+    await new Promise((r) => setTimeout(r, 100));
+    active--, h.active--;
+    buf.fill(0);
+  },
+  unload: () => writeFileSync(${
+        JSON.stringify(report)
+      }, JSON.stringify({ maxActive, maxOpen, perHandle })),
+});
+`,
+    );
+    const seen: Record<string, { maxActive: number; maxOpen: number; perHandle: number }> = {};
+    for (
+      const model of [
+        "parallel",
+        "serialize_requests",
+        "serialize_all_requests",
+        "serialize_connections",
+      ]
+    ) {
+      // nbdsh without -u: its own handle makes no connection.
+      const r = await captive([file, `model=${model}`], `nbdsh -c ${shQuote(py)}`);
+      assert.equal(r.status, 0, `${model}: ${r.stderr}`);
+      seen[model] = JSON.parse(readFileSync(report, "utf8"));
+    }
+    const { parallel, serialize_requests: requests, serialize_all_requests: all } = seen;
+    const connections = seen.serialize_connections;
+    assert.ok(parallel.perHandle === 4 && parallel.maxActive >= 4, JSON.stringify(parallel));
+    assert.ok(requests.perHandle === 1 && requests.maxActive <= 2, JSON.stringify(requests));
+    assert.ok(all.maxActive === 1, JSON.stringify(all));
+    assert.ok(
+      connections.maxOpen === 1 && connections.perHandle === 4,
+      JSON.stringify(connections),
+    );
+  });
+});
