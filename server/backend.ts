@@ -45,9 +45,16 @@ export interface BackendOptions {
   exportName: string;
 }
 
-/** Zeroes emulated with writes go out in pieces of this size. */
-const ZERO_CHUNK = 1024 * 1024;
+/**
+ * Zeroes emulated with writes go out in pieces of up to this size, as
+ * nbdkit's (its largest request): a plugin whose writes are remote calls makes
+ * one per request. The buffer of zeroes is only ever read, so its pages stay
+ * unallocated (the kernel's shared zero page) however large it grows.
+ */
+const ZERO_CHUNK = 64 * 1024 * 1024;
 let zeroBuffer: Uint8Array | undefined;
+/** CACHE emulated with reads reads pieces of this size (the plugin fills them: resident memory). */
+const CACHE_CHUNK = 1024 * 1024;
 
 /** A lock for `serialize_all_requests`, shared by every connection. */
 const allRequests = new Mutex();
@@ -238,7 +245,8 @@ class PluginSession<H> implements ExportSession {
       }
     }
     if (o.fastZero) throw new NbdError("ENOTSUP", "fast zero is not supported by this plugin");
-    zeroBuffer ??= new Uint8Array(ZERO_CHUNK);
+    const largest = Math.min(count, ZERO_CHUNK);
+    if (!zeroBuffer || zeroBuffer.length < largest) zeroBuffer = new Uint8Array(largest);
     // FUA goes with each write when the plugin does FUA itself, as nbdkit's.
     const flags = native ? WRITE_FUA : WRITE_NO_FUA;
     for (let done = 0; done < count; done += ZERO_CHUNK) {
@@ -255,7 +263,7 @@ class PluginSession<H> implements ExportSession {
       await this.#call(() => this.#p.cache!(this.#h, count, offset));
       return;
     }
-    const scratch = new Uint8Array(Math.min(count, ZERO_CHUNK));
+    const scratch = new Uint8Array(Math.min(count, CACHE_CHUNK));
     for (let done = 0; done < count; done += scratch.length) {
       const n = Math.min(scratch.length, count - done);
       await this.read(scratch.subarray(0, n), offset + done);

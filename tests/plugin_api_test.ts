@@ -318,16 +318,17 @@ export default definePlugin({
 test("what the server emulates (FUA, zeroes, cache) calls the plugin as nbdkit's does", async () => {
   requireTool("nbdkit");
   const py = "h.pwrite(b'x' * 512, 0, nbd.CMD_FLAG_FUA); h.zero(8192, 4096, nbd.CMD_FLAG_FUA); " +
-    "h.trim(4096, 65536, nbd.CMD_FLAG_FUA); h.cache(300000, 0); h.flush()";
+    "h.trim(4096, 65536, nbd.CMD_FLAG_FUA); h.cache(300000, 0); h.flush(); " +
+    "h.zero(6 * 1024 * 1024, 2 * 1024 * 1024)";
   const script = `nbdsh -u "$uri" -c ${shQuote(py)}`;
   await withScratch(async (dir) => {
     const log = join(dir, "calls");
     for (const fua of ["emulate", "native"]) {
       const file = join(dir, `calls-${fua}.ts`);
       // Each call of the plugin, one line: what it was asked, with FUA when
-      // it is asked to do FUA itself. (Requests stay at 1 MiB or less: above
-      // that ours writes zeroes and reads for CACHE 1 MiB at a time, where
-      // nbdkit makes one call of up to 64 MiB.)
+      // it is asked to do FUA itself. (CACHE stays at 1 MiB or less: above
+      // that ours reads 1 MiB at a time, where nbdkit makes one call of up to
+      // 64 MiB. Zeroes are written in one call of up to 64 MiB by both.)
       writeFileSync(
         file,
         `import { definePlugin } from ${JSON.stringify(join(ROOT, "mod.ts"))};
@@ -336,7 +337,7 @@ const log = (line: string) => appendFileSync(${JSON.stringify(log)}, line + "\\n
 export default definePlugin({
   name: "calls",
   open: () => null,
-  getSize: () => 1 << 20,
+  getSize: () => 8 << 20,
   pread: (_h, buf, offset) => { log(\`pread \${buf.length} \${offset}\`); buf.fill(0); },
   pwrite: (_h, buf, offset, f) => log(\`pwrite \${buf.length} \${offset} \${f.fua ? "fua" : ""}\`),
   flush: () => log("flush"),
@@ -353,7 +354,7 @@ export default definePlugin({
       rmSync(log);
       const calls = (m: string) => shQuote(`echo ${m} $3 $4 $5 >> ${log}`);
       const peer = sh(
-        `nbdkit -U - eval get_size='echo 1048576' ` +
+        `nbdkit -U - eval get_size='echo 8388608' ` +
           `pread=${shQuote(`echo pread $3 $4 >> ${log}; head -c $3 /dev/zero`)} ` +
           `pwrite=${shQuote(`cat >/dev/null; echo pwrite $3 $4 $5 >> ${log}`)} ` +
           `trim=${calls("trim")} flush=${shQuote(`echo flush >> ${log}`)} ` +
