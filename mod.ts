@@ -48,6 +48,8 @@ export * from "./plugins/plugin.ts";
 export { type Errno, NbdError } from "./plugins/errors.ts";
 export { formatSize, parseSize } from "./plugins/size.ts";
 export { stdioSafe } from "./plugins/stdio.ts";
+export { parseBool } from "./plugins/bool.ts";
+export { debug } from "./plugins/debug.ts";
 export { createMemoryPlugin } from "./plugins/memory.ts";
 export { createNullPlugin } from "./plugins/null.ts";
 export type { ServeOptions, Server } from "./server/serve.ts";

@@ -18,6 +18,7 @@ import { uriOf } from "./uri.ts";
 import { type Activation, socketActivation } from "./socket_activation.ts";
 import { osMessage } from "./os_message.ts";
 import { setStdioSafe } from "../plugins/stdio.ts";
+import { setDebugSink } from "../plugins/debug.ts";
 
 /** Set in the environment of the background child, which then reports readiness on stdout. */
 const DAEMON_ENV = "NBDKIT_TS_DAEMON";
@@ -333,6 +334,9 @@ export async function main(argv: string[]): Promise<number> {
     say(`error: ${messageOf(err)}`);
     return 1;
   }
+  // A plugin's debug() lines, with -v only (Logger.debug checks), under its name.
+  const pluginLog = new Logger(plugin.name);
+  setDebugSink((message) => pluginLog.debug(message));
   if (args.help) {
     // As nbdkit: how to call the server, then the plugin and its parameters.
     const where = BUILTIN_PLUGINS[args.plugin] ? "built-in" : runtime.resolvePath(args.plugin);

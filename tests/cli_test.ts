@@ -591,6 +591,40 @@ export default definePlugin({
     });
   });
 
+  test("a plugin's debug() prints with -v only; parseBool reads booleans as nbdkit's", async () => {
+    await withScratch(async (dir) => {
+      const file = join(dir, "helpers.ts");
+      writeFileSync(
+        file,
+        `import { debug, definePlugin, parseBool } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+let zeroes = true;
+export default definePlugin({
+  name: "helpers",
+  config: (_key, value) => { zeroes = parseBool(value); },
+  open: ({ exportName }) => { debug(\`open \${JSON.stringify(exportName)}, zeroes=\${zeroes}\`); return null; },
+  getSize: () => 512,
+  pread: (_h, buf) => void buf.fill(zeroes ? 0 : 0xff),
+});
+`,
+      );
+      const script = `nbdsh -u "$uri" -c 'print(h.pread(1, 0)[0])'`;
+      const quiet = await captive([file, "zeroes=Off"], script);
+      assert.equal(quiet.stdout, "255\n", quiet.stderr);
+      assert.equal(quiet.stderr, "");
+      const verbose = await captive(["-v", file, "zeroes=YES"], script);
+      assert.equal(verbose.stdout, "0\n", verbose.stderr);
+      assert.match(verbose.stderr, /^nbdkit-ts: helpers: debug: open "", zeroes=true$/m);
+      const bad = await captive([file, "zeroes=maybe"], "true");
+      assert.equal(bad.status, 1);
+      assert.equal(bad.stderr, "nbdkit-ts: error: could not decipher boolean (maybe)\n");
+      // nbdkit's message for the same value of one of its boolean parameters.
+      assert.match(
+        sh("nbdkit -U - sparse-random 1M random-content=maybe --run true").stderr,
+        /^nbdkit: error: could not decipher boolean \(maybe\)$/m,
+      );
+    });
+  });
+
   test("a plugin from a .ts path", async () => {
     const { dir, cleanup } = scratch();
     try {
