@@ -1,8 +1,8 @@
 /**
  * Debug messages from plugins, as nbdkit's `nbdkit_debug()`: printed only
- * with `-v`, in the server's format (`nbdkit-ts: PLUGIN: debug: MESSAGE`),
- * and nowhere otherwise, so a plugin can say what it does without cluttering
- * stderr.
+ * with `-v`, in the server's format (`nbdkit-ts: PLUGIN: debug: MESSAGE`,
+ * without the connection number nbdkit adds inside a connection), and nowhere
+ * otherwise, so a plugin can say what it does without cluttering stderr.
  *
  * @module
  */
@@ -30,7 +30,9 @@ export function debug(message: string): void {
 }
 
 /**
- * Where plugin debug messages go: the command line sets it with `-v`.
+ * Where plugin debug messages go: the command line sets it before it loads
+ * the plugin (so a module's top-level `debug()` counts too) and again under
+ * the plugin's name once loaded; its logger prints only with `-v`.
  *
  * @param to The logger's debug function, or null for none.
  * @internal

@@ -460,7 +460,9 @@ export interface Plugin<H = unknown> {
   pread(h: H, buf: Uint8Array, offset: number): Awaitable<void | LentBytes>;
   /**
    * Write all of `buf` at `offset` (within the size). The server owns `buf`
-   * again once this settles: copy what you keep.
+   * again once this settles: copy what you keep. Read it, never change it
+   * (nbdkit's is `const`): zeroes written for a plugin without `zero` come
+   * from one buffer that every connection shares.
    */
   pwrite?(h: H, buf: Uint8Array, offset: number, flags: WriteFlags): Awaitable<void>;
   /** Make every completed write durable. */

@@ -327,6 +327,8 @@ export async function main(argv: string[]): Promise<number> {
 
   // Before any plugin code runs: its module may look, as nbdkit plugins do.
   setStdioSafe(!args.single);
+  const serverLog = new Logger();
+  setDebugSink((message) => serverLog.debug(message));
   let plugin: Plugin<unknown>;
   try {
     plugin = await loadPlugin(args.plugin);
