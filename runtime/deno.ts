@@ -17,7 +17,7 @@ import type {
 import { readFirstLine } from "./first_line.ts";
 import { enlargePipeFd, pipeCapacity } from "./pipe_size.ts";
 import { FIONREAD, pacedPipeWritable, writeOutcome } from "./paced_pipe.ts";
-import { denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
+import { denoLibc, errnoReader, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
 import { kindOf, openDenoFile } from "./deno_file.ts";
 import { listenV6Only } from "./deno_v6only.ts";
@@ -62,8 +62,7 @@ function pacedFifo(path: string, file: Deno.FsFile): WritableStream<Uint8Array> 
   const fd = libc.open(cString(path), O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0);
   if (fd < 0) return null;
   enlargePipeFd(libc, fd);
-  const errnoAt = new Deno.UnsafePointerView(libc.__errno_location()!);
-  const errno = () => errnoAt.getInt32();
+  const errno = errnoReader(libc);
   const count = new Int32Array(1);
   return pacedPipeWritable({
     tryWrite: (buf) => writeOutcome(Number(libc.write(fd, buf, BigInt(buf.length))), errno),

@@ -21,7 +21,15 @@
  * @module
  */
 import type { FileKind, RandomAccessFile } from "./types.ts";
-import { type DenoLibc, denoLibc, O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_RDWR } from "./deno_libc.ts";
+import {
+  type DenoLibc,
+  denoLibc,
+  errnoReader,
+  O_CLOEXEC,
+  O_NONBLOCK,
+  O_RDONLY,
+  O_RDWR,
+} from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
 import {
   CachedReads,
@@ -95,7 +103,7 @@ export function kindOf(info: Deno.FileInfo): FileKind {
 
 /** {@linkcode FileSyscalls} through `Deno.dlopen`. */
 function denoFileSyscalls(libc: DenoLibc): FileSyscalls {
-  const errno = () => new Deno.UnsafePointerView(libc.__errno_location()!).getInt32();
+  const errno = errnoReader(libc);
   const n = BigInt;
   const preadv2 = libc.preadv2;
   // One iovec serves every call: each runs to completion on this thread.

@@ -57,6 +57,18 @@ const SYMBOLS = {
   posix_fadvise64: { parameters: ["i32", "i64", "i64", "i32"], result: "i32", nonblocking: true },
 } as const;
 
+/**
+ * A reader of this thread's errno (glibc's `__errno_location`), for calls
+ * made on this thread: one made on Deno's blocking threads sets theirs.
+ *
+ * @param libc The calls.
+ * @returns A function that reads errno now.
+ */
+export function errnoReader(libc: DenoLibc): () => number {
+  const at = new Deno.UnsafePointerView(libc.__errno_location()!);
+  return () => at.getInt32();
+}
+
 /** The calls, as `Deno.dlopen` types them. */
 export type DenoLibc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 

@@ -7,8 +7,8 @@
  * @module
  */
 import type { Connection, Listener } from "./types.ts";
-import { denoLibc } from "./deno_libc.ts";
-import { ERRNO } from "./errno.ts";
+import { denoLibc, errnoReader } from "./deno_libc.ts";
+import { syscallError } from "./file_syscalls.ts";
 
 // Linux's values (x86-64 and arm64 alike).
 const AF_INET6 = 10;
@@ -27,8 +27,8 @@ const BACKLOG = 4096;
  * @param port The port (0: any free one).
  * @param onConnection Called for each accepted client.
  * @returns The listener, with the port actually bound.
- * @throws Without FFI, or with the errno's text (`Address already in use`,
- *   the errno's name as `code`).
+ * @throws Without FFI, or the failed call's error (`bind: Address already in
+ *   use`, the errno's name as `code`).
  */
 export async function listenV6Only(
   port: number,
@@ -36,29 +36,24 @@ export async function listenV6Only(
 ): Promise<Listener> {
   const libc = denoLibc();
   if (!libc) throw new Error("-6 needs FFI on Deno (run with -A or --allow-ffi)");
-  const failed = () => {
-    const errno = new Deno.UnsafePointerView(libc.__errno_location()!).getInt32();
-    const [code, text] = ERRNO[errno] ?? [`E${errno}`, `error ${errno}`];
-    return Object.assign(new Error(text), { code });
-  };
+  const errno = errnoReader(libc);
   const fd = libc.socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw failed();
+  if (fd < 0) throw syscallError("socket", errno());
   try {
     const one = new Int32Array([1]);
     const address = new Uint8Array(SOCKADDR_IN6_SIZE); // in6addr_any, flow and scope 0
     const view = new DataView(address.buffer);
     view.setUint16(0, AF_INET6, true);
     view.setUint16(2, port); // network order
-    if (
-      libc.setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, one, 4) < 0 ||
-      libc.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, one, 4) < 0 ||
-      libc.bind(fd, address, SOCKADDR_IN6_SIZE) < 0 ||
-      libc.listen(fd, BACKLOG) < 0
-    ) {
-      throw failed();
-    }
     const length = new Uint32Array([SOCKADDR_IN6_SIZE]);
-    if (libc.getsockname(fd, address, length) < 0) throw failed();
+    const check = (call: string, result: number) => {
+      if (result < 0) throw syscallError(call, errno());
+    };
+    check("setsockopt", libc.setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, one, 4));
+    check("setsockopt", libc.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, one, 4));
+    check("bind", libc.bind(fd, address, SOCKADDR_IN6_SIZE));
+    check("listen", libc.listen(fd, BACKLOG));
+    check("getsockname", libc.getsockname(fd, address, length));
     const bound = view.getUint16(2);
     const { nodeRuntime } = await import("./node.ts");
     const adopted = await nodeRuntime.listenFd(fd, onConnection);
