@@ -36,7 +36,7 @@ import {
   type FileExtras,
   fileExtras,
   type FileSyscalls,
-  notRandomAccess,
+  refuseUnseekable,
   RWF_NOWAIT,
 } from "./file_syscalls.ts";
 
@@ -60,21 +60,17 @@ export async function openDenoFile(path: string, write: boolean): Promise<Random
     const self = `/proc/self/fd/${fd}`;
     const info = await Deno.stat(self).catch(() => null);
     const kind = info ? kindOf(info) : null;
-    // Opening a FIFO again, by either name, would wait for a peer.
-    if (kind === "fifo" || kind === "socket") {
-      libc!.close(fd);
-      throw notRandomAccess(path, kind);
-    }
     const file = kind === "file" || kind === "block"
       ? await Deno.open(self, { read: true, write }).catch(() => null)
       : null;
     if (file) return new DenoFile(file, libc, fd, kind!);
     libc!.close(fd);
+    // Opening a FIFO again, by either name, would wait for a peer.
+    refuseUnseekable(path, kind);
   }
   // Without FFI a FIFO can only be told by name first (the open would wait).
   const named = fd < 0 ? await Deno.stat(path).catch(() => null) : null;
-  const kind = named ? kindOf(named) : null;
-  if (kind === "fifo" || kind === "socket") throw notRandomAccess(path, kind);
+  refuseUnseekable(path, named ? kindOf(named) : null);
   // Deno's errors ("No such file or directory (os error 2)") are the ones reported.
   const file = await Deno.open(path, { read: true, write });
   try {

@@ -186,16 +186,17 @@ export function sysfsSizePath(rdev: number): string {
 }
 
 /**
- * The error for a FIFO or socket where a file for random access was asked
- * for (the runtimes' openFile refuse them rather than wait for a peer).
+ * Refuse a FIFO or socket where a file for random access was asked for (the
+ * runtimes' openFile refuse them rather than wait for a peer).
  *
  * @param path What was opened.
- * @param kind What it turned out to be.
- * @returns An error with code EINVAL.
+ * @param kind What it turned out to be (null: not known).
+ * @throws An error with code EINVAL for a FIFO or a socket.
  */
-export function notRandomAccess(path: string, kind: FileKind): Error {
+export function refuseUnseekable(path: string, kind: FileKind | null): void {
+  if (kind !== "fifo" && kind !== "socket") return;
   const what = kind === "fifo" ? "a FIFO" : "a socket";
-  return Object.assign(new Error(`${path}: is ${what}, not a file for random access`), {
+  throw Object.assign(new Error(`${path}: is ${what}, not a file for random access`), {
     code: "EINVAL",
   });
 }

@@ -43,7 +43,7 @@ import {
   type FileExtras,
   fileExtras,
   type FileSyscalls,
-  notRandomAccess,
+  refuseUnseekable,
   SEEK_END,
   syscallError,
   sysfsSizePath,
@@ -785,7 +785,6 @@ export async function writeStreamFlags(path: string): Promise<number> {
 class NodeFile implements RandomAccessFile {
   #fd: number;
   #calls: FileSyscalls | null;
-  #block: boolean;
   #cached: CachedReads | null = null;
   readonly kind: FileKind;
   fallocate?: FileExtras["fallocate"];
@@ -796,7 +795,6 @@ class NodeFile implements RandomAccessFile {
     this.#fd = fd;
     this.#calls = calls;
     this.kind = kind;
-    this.#block = kind === "block";
     if (calls) Object.assign(this, fileExtras(calls, () => this.#fd));
     if (calls?.preadNowait) this.#cached = new CachedReads(calls.preadNowait);
   }
@@ -841,7 +839,7 @@ class NodeFile implements RandomAccessFile {
 
   async size(): Promise<number> {
     const st = await fstatFd(this.#fd);
-    if (!this.#block) return st.size;
+    if (this.kind !== "block") return st.size;
     // fstat says 0 for a block device: its end is where lseek finds it, or
     // without FFI what sysfs says, in 512-byte sectors.
     if (this.#calls) {
@@ -889,7 +887,7 @@ export async function openNodeFile(
   const fd = await openFd(path, (write ? O_RDWR : O_RDONLY) | O_NONBLOCK);
   try {
     const kind = kindOf(await fstatFd(fd));
-    if (kind === "fifo" || kind === "socket") throw notRandomAccess(path, kind);
+    refuseUnseekable(path, kind);
     return new NodeFile(fd, await syscalls(), kind);
   } catch (err) {
     await closeFd(fd);
