@@ -158,8 +158,9 @@ async function listenEverywhere(
 
 /**
  * Listen on each address of one family that `hostname` stands for, as
- * nbdkit's `-4`/`-6` with `-i`: a numeric address of the other family, or a
- * name without one of this family, is refused. With port 0, the port the
+ * nbdkit's `-4`/`-6` (`0.0.0.0` or `::` for every address of it; `-i` for
+ * others): a numeric address of the other family, or a name without one of
+ * this family, is refused. With port 0, the port the
  * first listener got is asked for the others.
  */
 async function listenOnFamily(
@@ -402,10 +403,13 @@ export async function startServer<H>(
       () => runtime.listenUnix(path, accept),
     );
     listeners.push(unix);
-  } else if (options.hostname !== undefined && options.family !== undefined) {
+  } else if (options.family !== undefined) {
+    // Without a host name: every address of the family (`::` with -6 takes
+    // no IPv4 client, see listenOnFamily).
+    const every = options.family === 4 ? "0.0.0.0" : "::";
     listeners.push(
       ...await listenOnFamily(
-        options.hostname,
+        options.hostname ?? every,
         options.family,
         options.port ?? NBD_DEFAULT_PORT,
         accept,
@@ -416,20 +420,6 @@ export async function startServer<H>(
     const port = options.port ?? NBD_DEFAULT_PORT;
     const where = `${hostname}:${port}`;
     listeners.push(await listening(where, where, () => runtime.listenTcp(hostname, port, accept)));
-  } else if (options.family === 4) {
-    const port = options.port ?? NBD_DEFAULT_PORT;
-    const where = `0.0.0.0:${port}`;
-    listeners.push(await listening(where, where, () => runtime.listenTcp("0.0.0.0", port, accept)));
-  } else if (options.family === 6) {
-    const port = options.port ?? NBD_DEFAULT_PORT;
-    const where = `[::]:${port}`;
-    listeners.push(
-      await listening(
-        where,
-        where,
-        () => runtime.listenTcp("::", port, accept, { ipv6Only: true }),
-      ),
-    );
   } else {
     listeners.push(...await listenEverywhere(options.port ?? NBD_DEFAULT_PORT, accept));
   }
