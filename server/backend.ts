@@ -65,7 +65,6 @@ interface Caps {
   flush: boolean;
   rotational: boolean;
   trim: boolean;
-  zero: boolean;
   /** Whether zeroes go to the plugin's `zero` (otherwise they are written). */
   zeroNative: boolean;
   fastZero: boolean;
@@ -86,7 +85,6 @@ async function capabilities<H>(p: Plugin<H>, h: H, readonly: boolean): Promise<C
     flush,
     rotational: p.isRotational ? await p.isRotational(h) : false,
     trim: write && (p.canTrim ? await p.canTrim(h) : p.trim !== undefined),
-    zero: write,
     zeroNative,
     // Written zeroes can fail fast (ENOTSUP at once), so they count as fast.
     fastZero: write && (p.canFastZero ? await p.canFastZero(h) : !zeroNative),
@@ -104,7 +102,8 @@ function flagsOf(c: Caps): number {
   if (c.fua !== "none") f |= NBD_FLAG_SEND_FUA;
   if (c.rotational) f |= NBD_FLAG_ROTATIONAL;
   if (c.trim) f |= NBD_FLAG_SEND_TRIM;
-  if (c.zero) f |= NBD_FLAG_SEND_WRITE_ZEROES;
+  // Writable means WRITE_ZEROES: written with pwrite when not zero's (nbdkit's rule).
+  if (c.write) f |= NBD_FLAG_SEND_WRITE_ZEROES;
   if (c.fastZero) f |= NBD_FLAG_SEND_FAST_ZERO;
   if (c.multiConn) f |= NBD_FLAG_CAN_MULTI_CONN;
   if (c.cache !== "none") f |= NBD_FLAG_SEND_CACHE;
