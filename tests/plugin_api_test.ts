@@ -67,23 +67,35 @@ function seen(stdout: string): Record<string, unknown> {
   return { ...Object.fromEntries(flags), "base:allocation": allocation === "0" };
 }
 
-test("canZero false: zeroes are written with pwrite, never given to zero, as nbdkit does", async () => {
-  await withScratch(async (dir) => {
-    const file = join(dir, "nozero.ts");
-    writeFileSync(
-      file,
-      `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
+/**
+ * A 1 MiB RAM disk of 0xaa bytes, written as plugin `name` in `dir` with
+ * these extra callbacks (source text): the tests of how zeroes are emulated.
+ */
+function ramDisk(dir: string, name: string, callbacks: string): string {
+  const file = join(dir, `${name}.ts`);
+  writeFileSync(
+    file,
+    `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
 const disk = new Uint8Array(1 << 20).fill(0xaa);
 export default definePlugin({
-  name: "nozero",
+  name: "${name}",
   open: () => null,
   getSize: () => disk.length,
   pread: (_h, buf, offset) => void buf.set(disk.subarray(offset, offset + buf.length)),
   pwrite: (_h, buf, offset) => void disk.set(buf, offset),
-  zero: () => { throw new NbdError("EIO", "zero must not be called"); },
-  canZero: () => false,
+  ${callbacks}
 });
 `,
+  );
+  return file;
+}
+
+test("canZero false: zeroes are written with pwrite, never given to zero, as nbdkit does", async () => {
+  await withScratch(async (dir) => {
+    const file = ramDisk(
+      dir,
+      "nozero",
+      'zero: () => { throw new NbdError("EIO", "zero must not be called"); },\n  canZero: () => false,',
     );
     const py = "h.zero(8192, 4096); b = h.pread(16384, 0); " +
       "print(b[:4096].count(0xaa), b[4096:12288].count(0), b[12288:].count(0xaa))";
@@ -102,21 +114,7 @@ test("a zero refused with ENOTSUP or a system error's EOPNOTSUPP is written with
         'Object.assign(new Error("no"), { code: "EOPNOTSUPP" })',
       ]
     ) {
-      const file = join(dir, "refusing.ts");
-      writeFileSync(
-        file,
-        `import { definePlugin, NbdError } from ${JSON.stringify(join(ROOT, "mod.ts"))};
-const disk = new Uint8Array(1 << 20).fill(0xaa);
-export default definePlugin({
-  name: "refusing",
-  open: () => null,
-  getSize: () => disk.length,
-  pread: (_h, buf, offset) => void buf.set(disk.subarray(offset, offset + buf.length)),
-  pwrite: (_h, buf, offset) => void disk.set(buf, offset),
-  zero: () => { throw ${refusal}; },
-});
-`,
-      );
+      const file = ramDisk(dir, "refusing", `zero: () => { throw ${refusal}; },`);
       const py = "h.zero(8192, 4096); print(h.pread(16384, 0).count(0))";
       const r = await captive([file], `nbdsh -u "$uri" -c ${shQuote(py)}`);
       assert.equal(r.status, 0, `${refusal}: ${r.stderr}`);
