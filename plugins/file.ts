@@ -32,7 +32,7 @@
  *
  * @module
  */
-import { type Errno, NbdError } from "./errors.ts";
+import { type Errno, errnoOf, NbdError } from "./errors.ts";
 import { EXTENT_HOLE, EXTENT_ZERO, type Plugin } from "./plugin.ts";
 import { runtime } from "../runtime/mod.ts";
 import { strerror } from "../runtime/errno.ts";
@@ -62,32 +62,24 @@ interface Handle {
 /** Why opening read-write fails for a file that can still be read. */
 const READ_ONLY_CAUSES = new Set(["EACCES", "EPERM", "EROFS"]);
 
-/** NBD's errno for an errno name from the runtime (EIO for the rest). */
-const NBD_ERRNO: Record<string, Errno> = {
-  EPERM: "EPERM",
-  EACCES: "EPERM",
-  EROFS: "EPERM",
-  EIO: "EIO",
-  ENOMEM: "ENOMEM",
-  EINVAL: "EINVAL",
-  ENOSPC: "ENOSPC",
-  EDQUOT: "ENOSPC",
-  EFBIG: "ENOSPC",
-  EOVERFLOW: "EOVERFLOW",
-  EOPNOTSUPP: "ENOTSUP",
-  ENOTSUP: "ENOTSUP",
-};
-
 function codeOf(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === "string" ? code : undefined;
+}
+
+/**
+ * NBD's errno for a runtime error: the server's mapping of system errors
+ * (errnoOf), and EACCES as EPERM too: a file the server may not write.
+ */
+function fileErrno(err: unknown): Errno {
+  return codeOf(err) === "EACCES" ? "EPERM" : errnoOf(err);
 }
 
 /** A runtime error as the NBD error the client gets, its message kept for the log. */
 function nbdError(err: unknown, context?: string): NbdError {
   if (err instanceof NbdError) return err;
   const message = err instanceof Error ? err.message : String(err);
-  const errno = NBD_ERRNO[codeOf(err) ?? ""] ?? "EIO";
+  const errno = fileErrno(err);
   return new NbdError(errno, context ? `${context}: ${message}` : message, { cause: err });
 }
 
@@ -102,7 +94,7 @@ function exportError(err: unknown): NbdError {
   if (err instanceof NbdError) return err;
   const code = codeOf(err);
   const reason = (code && strerror(code)) || "cannot open the file";
-  return new NbdError(NBD_ERRNO[code ?? ""] ?? "EIO", `open: ${reason}`, { cause: err });
+  return new NbdError(fileErrno(err), `open: ${reason}`, { cause: err });
 }
 
 /** Whether a file of this kind can be served: a regular file or a block device. */
