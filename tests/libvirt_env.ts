@@ -2,7 +2,8 @@
  * A real libvirt for the libvirt plugin's tests and benchmark: the system
  * `libvirtd` (started if it is not running), raw and qcow2 disk files of
  * known random content, a defined (never started) domain using them, and on
- * request a second `libvirtd` listening on loopback TCP for remote URIs.
+ * request a second `libvirtd` listening on loopback TCP and on a Unix socket
+ * of its own, and an `sshd` on loopback, for remote URIs.
  *
  * Needs root and Debian's libvirt-daemon-system, libvirt-daemon-driver-qemu,
  * libvirt-clients (virsh) and qemu-utils (design.md §5). Tests use `node:`
@@ -23,6 +24,7 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readFileSync,
   rmSync,
   writeFileSync,
   writeSync,
@@ -235,6 +237,8 @@ ${
 export interface RemoteLibvirtd {
   /** `qemu+tcp://127.0.0.1:PORT/system`. */
   uri: string;
+  /** Its Unix socket, for `qemu+unix:///system?socket=PATH`. */
+  unixSocket: string;
   /** The daemon's process id. */
   pid: number;
   /** What the daemon logged. */
@@ -325,6 +329,7 @@ export async function startRemoteLibvirtd(): Promise<RemoteLibvirtd> {
   await start();
   return {
     uri,
+    unixSocket: join(dir, "libvirt-sock"),
     get pid() {
       return pid;
     },
@@ -336,4 +341,96 @@ export async function startRemoteLibvirtd(): Promise<RemoteLibvirtd> {
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** An sshd on loopback that lets root in with a key of its own, for `qemu+ssh://`. */
+export interface Sshd {
+  /**
+   * `qemu+ssh://root@127.0.0.1:PORT/system?…`: the system libvirtd through
+   * this sshd, with the key, no prompt, and an ssh that neither reads nor
+   * writes `~/.ssh/known_hosts`.
+   */
+  uri: string;
+  /** What sshd logged. */
+  log(): string;
+  /** Stop it and remove its keys. */
+  cleanup(): Promise<void>;
+}
+
+/**
+ * Start Debian's sshd (openssh-server) on a free loopback port, with a host
+ * key and an authorised client key made for it, in the foreground of a
+ * child process. libvirt runs `virt-ssh-helper` (or `nc`) at the other end.
+ *
+ * @returns The daemon.
+ */
+export async function startSshd(): Promise<Sshd> {
+  await ensureLibvirtd();
+  const dir = mkdtempSync(join(tmpdir(), "nbdkit-ts-sshd-"));
+  const port = await freePort();
+  for (const key of ["host_key", "client_key"]) {
+    must("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", join(dir, key)]);
+  }
+  const authorized = join(dir, "authorized_keys");
+  writeFileSync(authorized, readFileSync(join(dir, "client_key.pub")), { mode: 0o600 });
+  const conf = join(dir, "sshd_config");
+  writeFileSync(
+    conf,
+    [
+      `Port ${port}`,
+      "ListenAddress 127.0.0.1",
+      `HostKey ${join(dir, "host_key")}`,
+      `AuthorizedKeysFile ${authorized}`,
+      "PermitRootLogin prohibit-password",
+      "PasswordAuthentication no",
+      "KbdInteractiveAuthentication no",
+      "UsePAM no",
+      `PidFile ${join(dir, "sshd.pid")}`,
+      // The keys live under /tmp, which is world-writable: strict modes would refuse them.
+      "StrictModes no",
+      "",
+    ].join("\n"),
+  );
+  // The client side: libvirt's command= runs this instead of ssh.
+  const ssh = join(dir, "ssh");
+  writeFileSync(
+    ssh,
+    "#!/bin/sh\nexec ssh -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no " +
+      '-o LogLevel=ERROR "$@"\n',
+    { mode: 0o755 },
+  );
+  mkdirSync("/run/sshd", { recursive: true }); // sshd's privilege separation directory
+  // sshd insists on being started by its absolute path.
+  const child = spawn("/usr/sbin/sshd", ["-D", "-e", "-f", conf], {
+    env: ENV,
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let log = "";
+  let alive = true;
+  child.stderr!.setEncoding("utf8");
+  child.stderr!.on("data", (d: string) => log += d);
+  const exited = new Promise<void>((resolve) =>
+    child.on("close", () => {
+      alive = false;
+      resolve();
+    })
+  );
+  const cleanup = async () => {
+    if (alive) child.kill("SIGTERM");
+    await exited;
+    rmSync(dir, { recursive: true, force: true });
+  };
+  const query = `keyfile=${join(dir, "client_key")}&no_tty=1&command=${ssh}`;
+  const uri = `qemu+ssh://root@127.0.0.1:${port}/system?${query}`;
+  try {
+    await waitFor(`sshd on port ${port}`, () => {
+      if (!alive) throw new Error(`sshd exited: ${log}`);
+      return /Server listening/.test(log);
+    });
+    if (!answers(uri)) throw new Error(`virsh -c ${uri} fails: ${log}`);
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+  return { uri, log: () => log, cleanup };
 }

@@ -1,6 +1,7 @@
 /**
  * The libvirt plugin driven by real clients against a real libvirtd:
- * nbdcopy, nbdinfo and nbdsh, locally and over qemu+tcp, by target, by path
+ * nbdcopy, nbdinfo and nbdsh, locally and over qemu+tcp, qemu+unix with a
+ * socket of another libvirtd, and qemu+ssh through an sshd, by target, by path
  * and by export name; libvirt's own messages for every failure, and a
  * server that keeps serving after them.
  */
@@ -27,6 +28,7 @@ import {
   type RemoteLibvirtd,
   setupLibvirt,
   startRemoteLibvirtd,
+  startSshd,
 } from "./libvirt_env.ts";
 
 /** The URI of export `name` of a server on `socket`. */
@@ -78,7 +80,10 @@ describe("libvirt plugin", () => {
   let cleanup: () => void;
 
   before(async () => {
-    for (const tool of ["nbdinfo", "nbdsh", "nbdcopy", "virsh", "qemu-img"]) requireTool(tool);
+    for (const tool of ["nbdinfo", "nbdsh", "nbdcopy", "virsh", "qemu-img", "ssh", "ssh-keygen"]) {
+      requireTool(tool);
+    }
+    requireTool("/usr/sbin/sshd"); // openssh-server, for qemu+ssh
     env = await setupLibvirt();
     remote = await startRemoteLibvirtd();
     ({ dir, cleanup } = scratch());
@@ -121,6 +126,43 @@ describe("libvirt plugin", () => {
       assert.equal(copyAndHash(server.uri, dir), env.disk("sda").sha256);
     } finally {
       await server.stop();
+    }
+  });
+
+  test("over qemu+unix with socket=: that libvirtd, and only that one", async () => {
+    // The second libvirtd's own socket: with a socket that is not there, the
+    // same URI fails with libvirt's message naming it, so the parameter is
+    // what chose the daemon.
+    const sdb = env.disk("sdb");
+    const uri = `qemu+unix:///system?socket=${remote.unixSocket}`;
+    const r = await captive(
+      ["libvirt", `connect=${uri}`, `domain=${env.domain}`, "disk=sdb"],
+      'nbdinfo --size "$uri"; nbdcopy "$uri" - | sha256sum',
+    );
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(r.stdout.trim().split(/\s+/).slice(0, 2), [String(sdb.size), sdb.sha256]);
+    const missing = join(dir, "no-libvirt-sock");
+    const bad = await captive(
+      ["libvirt", `connect=qemu+unix:///system?socket=${missing}`, `domain=${env.domain}`],
+      "true",
+    );
+    assert.equal(bad.status, 1, bad.stderr);
+    assertLogged(bad.stderr, `Failed to connect socket to '${missing}'`);
+  });
+
+  test("over qemu+ssh through an sshd on loopback", async () => {
+    const sshd = await startSshd();
+    try {
+      const sdb = env.disk("sdb");
+      const r = await captive(
+        ["libvirt", `connect=${sshd.uri}`, `domain=${env.domain}`, "disk=sdb"],
+        'nbdinfo --size "$uri"; nbdcopy "$uri" - | sha256sum',
+      );
+      assert.equal(r.status, 0, r.stderr);
+      assert.deepEqual(r.stdout.trim().split(/\s+/).slice(0, 2), [String(sdb.size), sdb.sha256]);
+      assert.match(sshd.log(), /Accepted publickey for root/);
+    } finally {
+      await sshd.cleanup();
     }
   });
 
