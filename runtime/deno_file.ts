@@ -33,6 +33,7 @@ import {
 import { cString } from "./c_string.ts";
 import {
   CachedReads,
+  endOfFileError,
   type FileExtras,
   fileExtras,
   type FileSyscalls,
@@ -202,10 +203,7 @@ class DenoFile implements RandomAccessFile {
       let done = 0;
       while (done < buf.length) {
         const n = await this.#file.read(buf.subarray(done));
-        if (n === null) {
-          buf.fill(0, done);
-          return;
-        }
+        if (n === null) throw endOfFileError();
         done += n;
       }
     });

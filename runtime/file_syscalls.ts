@@ -137,6 +137,23 @@ export function syscallError(call: string, errno: number): Error & { code: strin
   return Object.assign(new Error(`${call}: ${text}`), { code });
 }
 
+/**
+ * A read that met the end of the file before its buffer was full: the file
+ * shrank under the server. EIO, with nbdkit's wording, rather than zeroes
+ * that a copy would take for the disk's data.
+ *
+ * @returns The error `pread` rejects with.
+ *
+ * @example
+ * ```ts
+ * import { endOfFileError } from "./file_syscalls.ts";
+ * console.assert(endOfFileError().code === "EIO");
+ * ```
+ */
+export function endOfFileError(): Error & { code: string } {
+  return Object.assign(new Error("unexpected end of file"), { code: "EIO" });
+}
+
 /** The FFI-only methods of {@linkcode RandomAccessFile}. */
 export type FileExtras = Required<Pick<RandomAccessFile, "fallocate" | "seek" | "advise">>;
 

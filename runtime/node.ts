@@ -40,6 +40,7 @@ import { enlargePipeFd, pipeCapacity, type PipeLibc } from "./pipe_size.ts";
 import { FIONREAD, pacedPipeWritable } from "./paced_pipe.ts";
 import {
   CachedReads,
+  endOfFileError,
   type FileExtras,
   fileExtras,
   type FileSyscalls,
@@ -817,10 +818,7 @@ class NodeFile implements RandomAccessFile {
           else resolve(n);
         });
       });
-      if (n === 0) {
-        buf.fill(0, done);
-        return;
-      }
+      if (n === 0) throw endOfFileError();
       done += n;
     }
   }

@@ -87,9 +87,10 @@ export interface RandomAccessFile {
    */
   readonly kind: FileKind;
   /**
-   * Read exactly `buf.length` bytes at `offset` (zeroes past the end).
-   * Returns nothing, at once, when the page cache held all of them (so a
-   * cached read costs the request no promise); a promise otherwise.
+   * Read exactly `buf.length` bytes at `offset`; the end of the file before
+   * that is an error (EIO), never zeroes. Returns nothing, at once, when the
+   * page cache held all of them (so a cached read costs the request no
+   * promise); a promise otherwise.
    */
   pread(buf: Uint8Array, offset: number): Promise<void> | undefined;
   /** Write all of `buf` at `offset`. */

@@ -452,6 +452,32 @@ describe("file plugin", () => {
     assert.match(r.stderr, /cannot open export "evil\\x0anbdkit-ts: forged": open: No such/);
   });
 
+  test("a file that shrinks under a client: EIO past its new end, not zeroes, as nbdkit", async () => {
+    const path = join(dir, "shrinks.img");
+    const py = [
+      "import errno, os",
+      "data = h.pread(8192, 0)",
+      `os.truncate(${JSON.stringify(path)}, 4096)`,
+      "for size in (8192, 4096):",
+      "  try:",
+      "    print(size, h.pread(size, 0) == data[:size])",
+      "  except nbd.Error as e:",
+      "    print(size, errno.errorcode[e.errnum])",
+    ].join("\n");
+    const script = `nbdsh -u "$uri" -c ${shQuote(py)}`;
+    const expected = "8192 EIO\n4096 True\n";
+    ok(`head -c 1M /dev/urandom > ${shQuote(path)}`);
+    assert.equal(nbdkit([path], script), expected);
+    for (const argv of noFfi ? [ourCommand(), noFfi] : [ourCommand()]) {
+      ok(`head -c 1M /dev/urandom > ${shQuote(path)}`);
+      const [cmd, ...pre] = argv;
+      const r = await run([cmd, ...pre, "-U", "-", "file", path, "--run", script]);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout, expected, argv.join(" "));
+      assert.match(r.stderr, /file\[1\]: error: NBD_CMD_READ: pread: unexpected end of file$/m);
+    }
+  });
+
   test("without FFI: no TRIM, zeroes written, all data, same bytes", async (t) => {
     if (noFfi === null) {
       t.skip(`${RUNTIME} always has FFI`);
