@@ -31,6 +31,7 @@ import {
   O_RDWR,
 } from "./deno_libc.ts";
 import { cString } from "./c_string.ts";
+import { ERRNO } from "./errno.ts";
 import {
   CachedReads,
   endOfFileError,
@@ -40,6 +41,18 @@ import {
   refuseUnseekable,
   RWF_NOWAIT,
 } from "./file_syscalls.ts";
+
+/**
+ * Deno gives an error it has no class for (EFBIG, EDQUOT…) no `code`, only
+ * "File too large (os error 27)": the code is put back from the number, so
+ * that the client gets the errno nbdkit would send (ENOSPC there), not EIO.
+ */
+function withErrnoCode(err: unknown): unknown {
+  if (!(err instanceof Error) || "code" in err) return err;
+  const n = /\(os error (\d+)\)$/.exec(err.message)?.[1];
+  const code = n === undefined ? undefined : ERRNO[Number(n)]?.[0];
+  return code === undefined ? err : Object.assign(err, { code });
+}
 
 /**
  * Open `path` for random access.
@@ -155,7 +168,9 @@ class DenoFile implements RandomAccessFile {
   }
 
   #locked<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.#lock.then(fn, fn);
+    const run = this.#lock.then(fn, fn).catch((err) => {
+      throw withErrnoCode(err);
+    });
     this.#lock = run.catch(() => {});
     return run;
   }

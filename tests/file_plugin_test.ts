@@ -452,6 +452,37 @@ describe("file plugin", () => {
     assert.match(r.stderr, /cannot open export "evil\\x0anbdkit-ts: forged": open: No such/);
   });
 
+  test("a write past the file size limit (EFBIG) reaches the client as ENOSPC, as nbdkit", async () => {
+    const path = join(dir, "limited.img");
+    ok(`truncate -s 4M ${shQuote(path)}`);
+    const py = "try:\n  h.pwrite(b'x' * 4096, 2 << 20)\nexcept nbd.Error as e:\n  print(e.errno)";
+    // RLIMIT_FSIZE of 1 MiB, and SIGXFSZ ignored so that the write fails
+    // instead. The command goes to sh as arguments: Deno's child_process
+    // rewrites a script that names its own executable.
+    const limited = (argv: string[]) =>
+      run([
+        "/bin/sh",
+        "-c",
+        `ulimit -f 1024; trap '' XFSZ; exec "$@"`,
+        "sh",
+        ...argv,
+        "-U",
+        "-",
+        "file",
+        path,
+        "--run",
+        `nbdsh -u "$uri" -c ${shQuote(py)}`,
+      ]);
+    const theirs = await limited(["nbdkit"]);
+    assert.equal(theirs.stdout, "ENOSPC\n", theirs.stderr);
+    for (const argv of noFfi ? [ourCommand(), noFfi] : [ourCommand()]) {
+      const r = await limited(argv);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout, "ENOSPC\n", `${argv.join(" ")}: ${r.stderr}`);
+      assert.match(r.stderr, /NBD_CMD_WRITE: pwrite: .*file too large/i);
+    }
+  });
+
   test("a file that shrinks under a client: EIO past its new end, not zeroes, as nbdkit", async () => {
     const path = join(dir, "shrinks.img");
     const py = [
