@@ -60,6 +60,7 @@ const LONG: Record<string, Spec> = {
   unix: { name: "unixSocket", arg: true },
   port: { name: "port", arg: true },
   ipaddr: { name: "ipaddr", arg: true },
+  "ip-addr": { name: "ipaddr", arg: true },
   "ipv4-only": { name: "ipv4", arg: false },
   "ipv6-only": { name: "ipv6", arg: false },
   foreground: { name: "foreground", arg: false },
@@ -95,6 +96,7 @@ const LONG: Record<string, Spec> = {
   version: { name: "version", arg: false },
   debug: { name: "ignore", arg: true },
   newstyle: { name: "newstyle", arg: false },
+  "new-style": { name: "newstyle", arg: false },
 };
 
 const SHORT: Record<string, string> = {
@@ -119,6 +121,7 @@ const SHORT: Record<string, string> = {
 const UNSUPPORTED: Record<string, string> = {
   filter: "filters are not supported by nbdkit-ts",
   oldstyle: "the oldstyle protocol is not supported",
+  "old-style": "the oldstyle protocol is not supported",
   o: "the oldstyle protocol is not supported",
   vsock: "AF_VSOCK is not supported",
   user: "changing user is not supported; use your service manager",

@@ -58,6 +58,34 @@ describe("parseCli", () => {
     assert.throws(() => parseCli(["-t", "1025"]), /out of range/);
     assert.equal(parseCli(["-t", "0"]).threads, 16); // nbdkit's -t 0: the default
   });
+  test("every spelling of nbdkit(1)'s options means what its short form does", () => {
+    // From nbdkit(1)'s OPTIONS, the options this server has, as "short long…".
+    const spellings = [
+      ["-e x", "--export=x", "--export-name=x", "--exportname=x"],
+      ["-f", "--foreground", "--no-fork"],
+      ["-i 127.0.0.1", "--ip-addr=127.0.0.1", "--ipaddr=127.0.0.1"],
+      ["-4", "--ipv4-only"],
+      ["-6", "--ipv6-only"],
+      ["-n", "--new-style", "--newstyle"],
+      ["-P p", "--pid-file=p", "--pidfile=p"],
+      ["-p 1", "--port=1"],
+      ["-r", "--read-only", "--readonly"],
+      ["-s", "--single", "--stdin"],
+      ["-t 3", "--threads=3"],
+      ["-U s", "--unix=s"],
+      ["-v", "--verbose"],
+      ["-D a.b=1", "--debug=a.b=1"],
+    ];
+    for (const [short, ...long] of spellings) {
+      const expected = parseCli([...short.split(" "), "null"]);
+      for (const spelling of long) {
+        assert.deepEqual(parseCli([spelling, "null"]), expected, spelling);
+      }
+    }
+    for (const refused of ["-o", "--old-style", "--oldstyle"]) {
+      assert.throws(() => parseCli([refused, "null"]), /oldstyle protocol is not supported/);
+    }
+  });
 });
 
 describe("ByteReader", () => {
