@@ -199,6 +199,9 @@ async function listenOnFamily(
   return listeners;
 }
 
+/** The longest Unix socket path Linux binds: `sun_path` is 108 bytes with its NUL. */
+const UNIX_PATH_MAX = 107;
+
 /** The default NBD port (IANA's), where a server listens without `port` or `unixSocket`. */
 export const NBD_DEFAULT_PORT = 10809;
 
@@ -400,7 +403,15 @@ export async function startServer<H>(
     const unix = await listening(
       `Unix socket ${path}`,
       path,
-      () => runtime.listenUnix(path, accept),
+      () => {
+        // Node would bind a truncated name, Deno and Bun fail with EINVAL:
+        // say what is wrong, in nbdkit's words.
+        const length = new TextEncoder().encode(path).length;
+        if (length > UNIX_PATH_MAX) {
+          throw new Error(`path too long: length ${length} > max ${UNIX_PATH_MAX} bytes`);
+        }
+        return runtime.listenUnix(path, accept);
+      },
     );
     listeners.push(unix);
   } else if (options.family !== undefined) {

@@ -3,7 +3,7 @@
  */
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   captive,
@@ -458,6 +458,14 @@ except nbd.Error:
         ["-f", "-U", join(dir, "no", "sock"), "null", "size=512"],
         /cannot listen on Unix socket .*\/no\/sock: No such file or directory$/m,
       );
+      // Longer than sun_path holds: refused in nbdkit's words, not bound truncated (Node).
+      const long = join(dir, "s".repeat(120));
+      const length = new TextEncoder().encode(long).length;
+      await failsWith(
+        ["-U", long, "null", "size=512", "--run", "true"],
+        new RegExp(`: path too long: length ${length} > max 107 bytes$`, "m"),
+      );
+      assert.deepEqual(readdirSync(dir), []);
       // A socket somebody listens on is theirs (it is not taken over as stale).
       const r = await shAsync(
         `${ourShell()} -f -U ${sock} null size=512 & pid=$!
