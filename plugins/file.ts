@@ -224,6 +224,7 @@ export function createFilePlugin(): Plugin<Handle> {
       }
       const info = await runtime.stat(path);
       if (info === null) throw new Error(`${path}: No such file or directory`);
+      if (info.kind === "directory") throw new Error(`use dir= to serve files within ${path}`);
       if (!servable(info.kind)) {
         throw new Error(`${path}: is not a regular file or block device`);
       }

@@ -105,6 +105,12 @@ async function loadPlugin(name: string): Promise<Plugin<unknown>> {
   if ((await runtime.stat(path)) === null) {
     throw new Error(`cannot open plugin '${name}': ${path}: No such file or directory`);
   }
+  if (/\.so(\.\d+)*$/.test(name)) {
+    throw new Error(
+      `cannot open plugin '${name}': a shared library is a C plugin for nbdkit; nbdkit-ts ` +
+        `runs its built-in plugins and TypeScript or JavaScript modules`,
+    );
+  }
   let mod: Record<string, unknown>;
   try {
     mod = await runtime.importModule(path);

@@ -31,6 +31,11 @@ describe("command line", () => {
   test("errors: unknown option, plugin, key; missing key; bad size", async () => {
     await failsWith(["--bogus", "memory", "1M"], /^nbdkit-ts: unrecognized option '--bogus'$/m);
     await failsWith(["-Z", "memory"], /invalid option -- 'Z'/);
+    await failsWith(["file", "/"], /^nbdkit-ts: error: use dir= to serve files within \/$/m);
+    await failsWith(
+      ["/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so", "1M"],
+      /^nbdkit-ts: error: cannot open plugin '\S+\.so': a shared library is a C plugin for nbdkit;/m,
+    );
     await failsWith(["nope"], /cannot open plugin 'nope'/);
     await failsWith(["./nope.ts"], /cannot open plugin '\.\/nope\.ts'.*No such file/);
     await failsWith(["memory"], /you must specify size=<SIZE>/);
