@@ -108,11 +108,14 @@ export interface Server {
 /**
  * Whether a transport error only says that the client went away (a reset,
  * or a write after it closed): news for `-v`, not an error of the server.
+ * Deno's BadResource is a read of a connection that a failed write (the
+ * same reset) has closed meanwhile.
  */
 function peerHungUp(err: unknown): boolean {
   const { code, name } = (err ?? {}) as { code?: unknown; name?: unknown };
   return code === "EPIPE" || code === "ECONNRESET" || name === "BrokenPipe" ||
-    name === "ConnectionReset" || /\(os error (32|104)\)/.test(messageOf(err));
+    name === "ConnectionReset" || name === "BadResource" ||
+    /\(os error (32|104)\)/.test(messageOf(err));
 }
 
 /** A listener, or an error that says where it could not listen ("cannot listen on …: why"). */

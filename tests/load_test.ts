@@ -274,6 +274,7 @@ print("ok")`;
 
   test("clients killed with SIGKILL mid-write and mid-read; the others carry on", async () => {
     const fdsBefore = fdCount(server.pid);
+    const stderrBefore = server.stderr().length;
     // Six clients verify their regions, round after round, while others are killed.
     let stop = false;
     const verifiers = Array.from(
@@ -328,6 +329,8 @@ while True:
     }
     // Every victim died of the signal, in the middle of its work.
     assert.deepEqual(killed, Array.from({ length: 12 }, (_, i) => `${kinds[i % 3]}: SIGKILL`));
+    // A client that goes away is no error of the server's (Deno said "Bad resource ID").
+    assert.doesNotMatch(server.stderr().slice(stderrBefore), /error/);
 
     stop = true;
     const rounds = await Promise.all(verifiers);
