@@ -1,15 +1,16 @@
 /**
  * `memory size=SIZE`: a sparse RAM disk, shared by every connection.
  *
- * Memory grows with the data written, not with the size: the disk is a map
- * of 64 KiB pages allocated on first write and freed by TRIM or by zeroing a
- * whole page. Extents report unallocated pages as holes.
+ * Memory grows with the data written, not with the size. Small writes get
+ * 4 KiB pages of their own, so scattered 4 KiB writes cost about what they
+ * wrote (nbdkit's pages are 32 KiB). A large write (128 KiB or more) puts
+ * one contiguous 1 MiB slab under each megabyte it touches, whose pages
+ * are then parts of the slab; large reads within a slab are sent straight
+ * from it, without a copy into the reply (see `LentBytes`).
  *
- * Large reads are sent straight from the disk's memory, without a copy into
- * the reply: where large writes went, the pages of each 1 MiB are views of
- * one contiguous slab, and a read within a slab is lent to the server (see
- * `LentBytes`). Small writes get pages of their own, so scattered 4 KiB
- * writes still cost 64 KiB each.
+ * A page that TRIM or WRITE_ZEROES leaves all zero is freed, so extents
+ * report it as a hole, as nbdkit's do. Extents skip unwritten gigabytes and
+ * megabytes whole.
  *
  * @module
  */
@@ -17,37 +18,49 @@ import { EXTENT_HOLE, EXTENT_ZERO, type Plugin } from "./plugin.ts";
 import { parseSize } from "./size.ts";
 import { VERSION } from "../version.ts";
 
-const PAGE_SHIFT = 16;
-const PAGE = 1 << PAGE_SHIFT;
+const PAGE = 4096;
 const SLAB = 1 << 20;
 const PAGES_PER_SLAB = SLAB / PAGE;
+const GIB = 1 << 30;
 // A write this large puts the slabs it touches in place: writers of large
 // requests (qemu-img, nbdcopy, fio's sequential jobs) fill whole slabs, and
 // memory for a slab is then at most 8 times what was written into it.
-const SLAB_WRITE_MIN = 2 * PAGE;
+const SLAB_WRITE_MIN = 128 * 1024;
 // Below this a lent reply costs more than the copy it saves: the server
 // copies small replies into its batch anyway, and a loan takes a separate
 // header and write.
-const LEND_MIN = PAGE;
+const LEND_MIN = 64 * 1024;
 // Lent for reads of holes; nothing writes into it.
 const ZEROES = new Uint8Array(SLAB);
 
-/** A slab: 1 MiB of contiguous memory whose allocated pages are views. */
+/** A slab: 1 MiB of contiguous memory, zero where no page is allocated. */
 interface Slab {
   bytes: Uint8Array;
-  /** How many of its pages are allocated; at 0 the slab is freed. */
-  pages: number;
+  /** 1 for each allocated page. */
+  used: Uint8Array;
+  /** How many pages are allocated; at 0 the slab is freed. */
+  count: number;
 }
 
+/** Whether 4 KiB at `at` in `bytes` (4-byte aligned) are all zero. */
+function isZeroPage(bytes: Uint8Array, at: number): boolean {
+  const words = new Int32Array(bytes.buffer, bytes.byteOffset + at, PAGE / 4);
+  for (let i = 0; i < words.length; i++) if (words[i] !== 0) return false;
+  return true;
+}
+
+/** Receives extents: `start`, `length`, NBD extent type. */
+type ExtentSink = (start: number, length: number, type: number) => void;
+
 /**
- * A sparse byte array of 64 KiB pages.
+ * A sparse byte array: 4 KiB pages, and 1 MiB slabs where large writes went.
  *
  * @example
  * ```ts
  * import { SparseArray } from "./memory.ts";
  * const disk = new SparseArray();
  * disk.write(new Uint8Array(256 * 1024).fill(9), 0);
- * const lent = disk.view(128 * 1024, 65536);
+ * const lent = disk.view(65536, 128 * 1024);
  * console.assert(lent !== undefined && lent[0] === 9);
  * const buf = new Uint8Array(4);
  * disk.read(buf, 1 << 30);
@@ -55,31 +68,67 @@ interface Slab {
  * ```
  */
 export class SparseArray {
-  // Every allocated page, standalone or a view of its slab. Where a slab
-  // exists, every allocated page of its 1 MiB is a view of it.
-  #pages = new Map<number, Uint8Array>();
   #slabs = new Map<number, Slab>();
+  // Pages of their own, only in megabytes without a slab.
+  #pages = new Map<number, Uint8Array>();
+  // How many pages of their own each megabyte has, and how many pages
+  // (either kind) each gigabyte: what extents and zeroes may skip.
+  #inSlab = new Map<number, number>();
+  #inGiB = new Map<number, number>();
+  #count = 0;
 
-  /** Pages allocated. */
+  /** Pages (4 KiB) allocated. */
   get allocatedPages(): number {
-    return this.#pages.size;
+    return this.#count;
+  }
+
+  #counted(page: number, by: number): void {
+    this.#count += by;
+    const g = Math.floor(page / (GIB / PAGE));
+    const n = (this.#inGiB.get(g) ?? 0) + by;
+    if (n === 0) this.#inGiB.delete(g);
+    else this.#inGiB.set(g, n);
+  }
+
+  #ownPages(slab: number, by: number): void {
+    const n = (this.#inSlab.get(slab) ?? 0) + by;
+    if (n === 0) this.#inSlab.delete(slab);
+    else this.#inSlab.set(slab, n);
   }
 
   /**
-   * Walk `count` bytes at `offset` page by page: `fn` gets the page's index,
-   * where in the page the piece starts, how far into the range, and its length.
+   * Walk `count` bytes at `offset` megabyte by megabyte: `fn` gets the
+   * megabyte's index, where in it the piece starts, how far into the range,
+   * and its length.
    */
-  #pieces(
+  #slabPieces(
     offset: number,
     count: number,
     fn: (index: number, within: number, done: number, n: number) => void,
   ): void {
     for (let done = 0; done < count;) {
       const at = offset + done;
-      const index = Math.floor(at / PAGE);
-      const within = at - index * PAGE;
-      const n = Math.min(PAGE - within, count - done);
+      const index = Math.floor(at / SLAB);
+      const within = at - index * SLAB;
+      const n = Math.min(SLAB - within, count - done);
       fn(index, within, done, n);
+      done += n;
+    }
+  }
+
+  /** The same, page by page within one megabyte (`index`) without a slab. */
+  #pagePieces(
+    index: number,
+    within: number,
+    count: number,
+    fn: (page: number, inPage: number, done: number, n: number) => void,
+  ): void {
+    for (let done = 0; done < count;) {
+      const at = within + done;
+      const p = Math.floor(at / PAGE);
+      const inPage = at - p * PAGE;
+      const n = Math.min(PAGE - inPage, count - done);
+      fn(index * PAGES_PER_SLAB + p, inPage, done, n);
       done += n;
     }
   }
@@ -96,57 +145,75 @@ export class SparseArray {
     if (within + count > SLAB) return undefined;
     const slab = this.#slabs.get(index);
     if (slab) return slab.bytes.subarray(within, within + count);
-    const first = index * PAGES_PER_SLAB + Math.floor(within / PAGE);
-    const last = index * PAGES_PER_SLAB + Math.floor((within + count - 1) / PAGE);
-    for (let p = first; p <= last; p++) if (this.#pages.has(p)) return undefined;
+    if (this.#inSlab.has(index)) {
+      const first = index * PAGES_PER_SLAB + Math.floor(within / PAGE);
+      const last = index * PAGES_PER_SLAB + Math.floor((within + count - 1) / PAGE);
+      for (let p = first; p <= last; p++) if (this.#pages.has(p)) return undefined;
+    }
     return ZEROES.subarray(0, count);
   }
 
   /** Copy bytes at `offset` into `buf`; missing pages read as zeroes. */
   read(buf: Uint8Array, offset: number): void {
-    const index = Math.floor(offset / PAGE);
-    const within = offset - index * PAGE;
-    // Within one page (most small requests): no walk, and no closure for it.
-    if (within + buf.length <= PAGE) return this.#readPiece(buf, index, within, 0, buf.length);
-    this.#pieces(offset, buf.length, (index, within, done, n) => {
-      this.#readPiece(buf, index, within, done, n);
+    const index = Math.floor(offset / SLAB);
+    const within = offset - index * SLAB;
+    // Within one megabyte (most requests): no walk, and no closure for it.
+    if (within + buf.length <= SLAB) return this.#readSlab(buf, index, within, 0, buf.length);
+    this.#slabPieces(offset, buf.length, (index, within, done, n) => {
+      this.#readSlab(buf, index, within, done, n);
     });
   }
 
-  #readPiece(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
-    const page = this.#pages.get(index);
-    if (page) buf.set(page.subarray(within, within + n), done);
-    else buf.fill(0, done, done + n);
+  #readSlab(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
+    const slab = this.#slabs.get(index);
+    if (slab) {
+      buf.set(slab.bytes.subarray(within, within + n), done);
+    } else if (!this.#inSlab.has(index)) {
+      buf.fill(0, done, done + n);
+    } else {
+      this.#pagePieces(index, within, n, (p, inPage, d, m) => {
+        const page = this.#pages.get(p);
+        if (page) buf.set(page.subarray(inPage, inPage + m), done + d);
+        else buf.fill(0, done + d, done + d + m);
+      });
+    }
   }
 
   /** Copy `buf` to `offset`, allocating pages. */
   write(buf: Uint8Array, offset: number): void {
     if (buf.length >= SLAB_WRITE_MIN) this.#makeSlabs(offset, buf.length);
-    const index = Math.floor(offset / PAGE);
-    const within = offset - index * PAGE;
-    if (within + buf.length <= PAGE) return this.#writePiece(buf, index, within, 0, buf.length);
-    this.#pieces(offset, buf.length, (index, within, done, n) => {
-      this.#writePiece(buf, index, within, done, n);
+    const index = Math.floor(offset / SLAB);
+    const within = offset - index * SLAB;
+    if (within + buf.length <= SLAB) return this.#writeSlab(buf, index, within, 0, buf.length);
+    this.#slabPieces(offset, buf.length, (index, within, done, n) => {
+      this.#writeSlab(buf, index, within, done, n);
     });
   }
 
-  #writePiece(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
-    const page = this.#pages.get(index) ?? this.#newPage(index);
-    page.set(n === buf.length ? buf : buf.subarray(done, done + n), within);
-  }
-
-  #newPage(index: number): Uint8Array {
-    const slab = this.#slabs.get(Math.floor(index / PAGES_PER_SLAB));
-    let page: Uint8Array;
+  #writeSlab(buf: Uint8Array, index: number, within: number, done: number, n: number): void {
+    const piece = n === buf.length ? buf : buf.subarray(done, done + n);
+    const slab = this.#slabs.get(index);
     if (slab) {
-      const at = (index % PAGES_PER_SLAB) * PAGE;
-      page = slab.bytes.subarray(at, at + PAGE);
-      slab.pages++;
-    } else {
-      page = new Uint8Array(PAGE);
+      slab.bytes.set(piece, within);
+      const last = Math.floor((within + n - 1) / PAGE);
+      for (let p = Math.floor(within / PAGE); p <= last; p++) {
+        if (slab.used[p]) continue;
+        slab.used[p] = 1;
+        slab.count++;
+        this.#counted(index * PAGES_PER_SLAB + p, 1);
+      }
+      return;
     }
-    this.#pages.set(index, page);
-    return page;
+    this.#pagePieces(index, within, n, (p, inPage, d, m) => {
+      let page = this.#pages.get(p);
+      if (!page) {
+        page = new Uint8Array(PAGE);
+        this.#pages.set(p, page);
+        this.#ownPages(index, 1);
+        this.#counted(p, 1);
+      }
+      page.set(m === piece.length ? piece : piece.subarray(d, d + m), inPage);
+    });
   }
 
   /** Put slabs under the 1 MiB pieces that `count` bytes at `offset` touch. */
@@ -154,34 +221,106 @@ export class SparseArray {
     const last = Math.floor((offset + count - 1) / SLAB);
     for (let index = Math.floor(offset / SLAB); index <= last; index++) {
       if (this.#slabs.has(index)) continue;
-      this.#slabs.set(index, { bytes: new Uint8Array(SLAB), pages: 0 });
-      // Pages that small writes made before move into the slab.
-      for (let p = index * PAGES_PER_SLAB; p < (index + 1) * PAGES_PER_SLAB; p++) {
-        const page = this.#pages.get(p);
-        if (page) this.#newPage(p).set(page);
+      const slab = { bytes: new Uint8Array(SLAB), used: new Uint8Array(PAGES_PER_SLAB), count: 0 };
+      this.#slabs.set(index, slab);
+      if (!this.#inSlab.has(index)) continue;
+      // Pages that small writes made before move into the slab (still counted).
+      for (let p = 0; p < PAGES_PER_SLAB; p++) {
+        const page = this.#pages.get(index * PAGES_PER_SLAB + p);
+        if (!page) continue;
+        slab.bytes.set(page, p * PAGE);
+        slab.used[p] = 1;
+        slab.count++;
+        this.#pages.delete(index * PAGES_PER_SLAB + p);
       }
+      this.#inSlab.delete(index);
     }
   }
 
-  /** Make `count` bytes at `offset` zero, freeing whole pages. */
+  /** Make `count` bytes at `offset` zero, freeing the pages left all zero. */
   zero(count: number, offset: number): void {
-    this.#pieces(offset, count, (index, within, _done, n) => {
-      const page = this.#pages.get(index);
-      if (!page) return;
-      if (n < PAGE) return page.fill(0, within, within + n);
-      this.#pages.delete(index);
-      const s = Math.floor(index / PAGES_PER_SLAB);
-      const slab = this.#slabs.get(s);
-      if (!slab) return;
-      // The slab stays zero where no page is allocated: it is lent as it is.
-      page.fill(0);
-      if (--slab.pages === 0) this.#slabs.delete(s);
+    this.#slabPieces(offset, count, (index, within, _done, n) => {
+      const slab = this.#slabs.get(index);
+      if (slab) return this.#zeroSlab(slab, index, within, n);
+      if (!this.#inSlab.has(index)) return;
+      this.#pagePieces(index, within, n, (p, inPage, _d, m) => {
+        const page = this.#pages.get(p);
+        if (!page) return;
+        if (m < PAGE) {
+          page.fill(0, inPage, inPage + m);
+          if (!isZeroPage(page, 0)) return;
+        }
+        this.#pages.delete(p);
+        this.#ownPages(index, -1);
+        this.#counted(p, -1);
+      });
     });
+  }
+
+  #zeroSlab(slab: Slab, index: number, within: number, n: number): void {
+    // The slab stays zero where no page is allocated: it is lent as it is.
+    slab.bytes.fill(0, within, within + n);
+    const last = Math.floor((within + n - 1) / PAGE);
+    for (let p = Math.floor(within / PAGE); p <= last; p++) {
+      if (!slab.used[p]) continue;
+      const whole = p * PAGE >= within && (p + 1) * PAGE <= within + n;
+      if (!whole && !isZeroPage(slab.bytes, p * PAGE)) continue;
+      slab.used[p] = 0;
+      slab.count--;
+      this.#counted(index * PAGES_PER_SLAB + p, -1);
+    }
+    if (slab.count === 0) this.#slabs.delete(index);
   }
 
   /** Whether the page holding `offset` is allocated. */
   allocated(offset: number): boolean {
-    return this.#pages.has(Math.floor(offset / PAGE));
+    const page = Math.floor(offset / PAGE);
+    const slab = this.#slabs.get(Math.floor(page / PAGES_PER_SLAB));
+    return slab ? slab.used[page % PAGES_PER_SLAB] === 1 : this.#pages.has(page);
+  }
+
+  /**
+   * The extents of `count` bytes at `offset`, merged: allocated pages as data
+   * (0), the rest as holes that read as zeroes. Unwritten gigabytes and
+   * megabytes are passed over whole.
+   */
+  extents(count: number, offset: number, add: ExtentSink): void {
+    const end = offset + count;
+    let runStart = offset;
+    let runType = -1;
+    const emit = (to: number, type: number) => {
+      if (type !== runType) {
+        if (runType >= 0) add(runStart, pos - runStart, runType);
+        runStart = pos;
+        runType = type;
+      }
+      pos = to;
+    };
+    const hole = EXTENT_HOLE | EXTENT_ZERO;
+    let pos = offset;
+    while (pos < end) {
+      const gibEnd = Math.min((Math.floor(pos / GIB) + 1) * GIB, end);
+      if (!this.#inGiB.has(Math.floor(pos / GIB))) {
+        emit(gibEnd, hole);
+        continue;
+      }
+      while (pos < gibEnd) {
+        const index = Math.floor(pos / SLAB);
+        const slabEnd = Math.min((index + 1) * SLAB, gibEnd);
+        const slab = this.#slabs.get(index);
+        if (!slab && !this.#inSlab.has(index)) {
+          emit(slabEnd, hole);
+          continue;
+        }
+        while (pos < slabEnd) {
+          const page = Math.floor(pos / PAGE);
+          const pageEnd = Math.min((page + 1) * PAGE, slabEnd);
+          const used = slab ? slab.used[page % PAGES_PER_SLAB] === 1 : this.#pages.has(page);
+          emit(pageEnd, used ? 0 : hole);
+        }
+      }
+    }
+    if (runType >= 0) add(runStart, pos - runStart, runType);
   }
 }
 
@@ -265,13 +404,7 @@ export function createMemoryPlugin(): Plugin<null> {
     cache() {},
 
     extents(_h, count, offset, _flags, sink) {
-      const end = offset + count;
-      let pos = offset;
-      while (pos < end) {
-        const next = Math.min((Math.floor(pos / PAGE) + 1) * PAGE, end);
-        sink.add(pos, next - pos, disk.allocated(pos) ? 0 : EXTENT_HOLE | EXTENT_ZERO);
-        pos = next;
-      }
+      disk.extents(count, offset, (start, length, type) => sink.add(start, length, type));
     },
   };
 }
