@@ -87,8 +87,15 @@ systemd and 'nbdinfo -- [ nbdkit-ts ... ]' do, the server serves the
 listening sockets it is given (implies -f; -s, -U, -p, -i and --run refused).
 `;
 
+// What Deno's permission errors end with; one of them names only the first
+// permission missing, so the line says all that the server may need.
+const DENO_PERMISSION = /run again with the --allow-\w+ flag$/;
+const DENO_PERMISSIONS = "nbdkit-ts needs --allow-read, --allow-write, --allow-net, " +
+  "--allow-env and --allow-sys; --allow-run for --run, --allow-ffi for libvirt; -A gives them all";
+
 function say(line: string): void {
-  runtime.writeStderr(`nbdkit-ts: ${line}\n`);
+  const hint = DENO_PERMISSION.test(line) ? ` (${DENO_PERMISSIONS})` : "";
+  runtime.writeStderr(`nbdkit-ts: ${line}${hint}\n`);
 }
 
 /** Load a plugin by built-in name or module path. */
@@ -299,6 +306,17 @@ async function daemonize(argv: string[], verbose: boolean): Promise<number> {
  * @returns The exit status.
  */
 export async function main(argv: string[]): Promise<number> {
+  try {
+    return await run(argv);
+  } catch (err) {
+    // What no step below expected (Deno refusing a temporary directory
+    // without --allow-write, say): one line, not a stack trace.
+    say(`error: ${messageOf(err)}`);
+    return 1;
+  }
+}
+
+async function run(argv: string[]): Promise<number> {
   let args: CliArgs;
   try {
     args = parseCli(argv);

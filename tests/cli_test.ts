@@ -10,6 +10,8 @@ import {
   nbdkitTs,
   ourShell,
   ROOT,
+  run,
+  RUNTIME,
   scratch,
   sh,
   shAsync,
@@ -445,6 +447,33 @@ except nbd.Error:
       assert.doesNotMatch(r.stderr, /again/);
     } finally {
       cleanup();
+    }
+  });
+
+  test("Deno without a permission: one line that names every permission needed", {
+    skip: RUNTIME !== "deno",
+  }, async () => {
+    const all = ["read", "write", "net", "env", "sys", "run"];
+    for (const missing of ["write", "sys", "run"]) {
+      const allow = all.filter((p) => p !== missing).map((p) => `--allow-${p}`);
+      const r = await run([
+        process.execPath,
+        "run",
+        ...allow,
+        "--no-check",
+        join(ROOT, "cli.ts"),
+        "-U",
+        "-",
+        "memory",
+        "1M",
+        "--run",
+        "echo ran",
+      ]);
+      assert.equal(r.status, 1, r.stderr);
+      assert.equal(r.stdout, "");
+      assert.equal(r.stderr.split("\n").length, 2, r.stderr); // one line and its newline
+      assert.match(r.stderr, new RegExp(`^nbdkit-ts: error: .*--allow-${missing} flag `));
+      assert.match(r.stderr, /needs --allow-read, .* -A gives them all\)\n$/);
     }
   });
 
