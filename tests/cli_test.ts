@@ -123,7 +123,9 @@ describe("command line", () => {
       const info = sh(`nbdinfo --size 'nbd+unix:///?socket=${sock}'`);
       assert.equal(info.stdout.trim(), "1048576");
       process.kill(pid, "SIGTERM");
-      for (let i = 0; i < 100 && existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+      for (let i = 0; i < 100 && (existsSync(sock) || existsSync(pidfile)); i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
       assert.equal(existsSync(sock), false, "socket removed");
       assert.equal(existsSync(pidfile), false, "pidfile removed");
     } finally {
