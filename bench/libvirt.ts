@@ -37,7 +37,7 @@
  *
  * @module
  */
-import { spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { existsSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -140,6 +140,15 @@ function ceiling(exe: string, domain: string): Ceiling {
   };
 }
 
+/** Wait (up to 30 s) until `child`, a server called `what`, listens on `socket`. */
+async function listening(socket: string, child: ChildProcess, what: string): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  while (!existsSync(socket)) {
+    if (Date.now() > deadline || child.exitCode !== null) throw new Error(`${what} did not start`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 /** The ceiling and an nbdcopy from `socket` (nbdkit null) at once: seconds until both end. */
 async function floor(exe: string, domain: string, socket: string): Promise<number> {
   const run = (argv: string[]) =>
@@ -168,13 +177,7 @@ async function startNull(): Promise<{ socket: string; stop(): Promise<void> }> {
     stdio: ["ignore", "ignore", "inherit"],
   });
   const exited = new Promise((resolve) => child.on("close", resolve));
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(socket)) {
-    if (Date.now() > deadline || child.exitCode !== null) {
-      throw new Error("nbdkit null did not start");
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  await listening(socket, child, "nbdkit null");
   return {
     socket,
     async stop() {
@@ -209,13 +212,7 @@ async function measure(program: string[], params: string[]): Promise<Sample> {
   });
   const exited = new Promise((resolve) => child.on("close", resolve));
   try {
-    const deadline = Date.now() + 30_000;
-    while (!existsSync(socket)) {
-      if (Date.now() > deadline || child.exitCode !== null) {
-        throw new Error(`${program.join(" ")} did not start`);
-      }
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await listening(socket, child, program.join(" "));
     const lv = libvirtdPid();
     const lvBefore = cpuSeconds(lv);
     const srvBefore = cpuSeconds(child.pid!);
