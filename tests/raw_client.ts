@@ -161,11 +161,15 @@ export class RawClient {
     this.send(requestBytes(type, offset, count, options));
   }
 
-  /** Read a simple reply; returns its error and cookie, or null when closed. */
+  /**
+   * Read a simple reply; returns its error and cookie, or null when closed.
+   * Times out after `ms` without the header.
+   */
   async simpleReply(
     dataLength = 0,
+    ms = 10_000,
   ): Promise<{ error: number; cookie: bigint; data: Uint8Array } | null> {
-    const h = await this.read(16);
+    const h = await this.read(16, ms);
     if (!h) return null;
     const v = view(h);
     if (v.getUint32(0) !== 0x67446698) throw new Error("not a simple reply");
