@@ -10,6 +10,7 @@ import * as fs from "node:fs";
 import * as fsp from "node:fs/promises";
 import { spawn } from "node:child_process";
 import { Duplex, type Readable, type Writable } from "node:stream";
+import { finished } from "node:stream/promises";
 import * as tls from "node:tls";
 import * as tty from "node:tty";
 import { createPrivateKey, X509Certificate } from "node:crypto";
@@ -105,11 +106,15 @@ export function ownedChunk(chunk: Uint8Array): Uint8Array<ArrayBuffer> {
  * @param src The source; an `error` listener is attached so that a peer's
  *   reset never becomes an uncaught exception.
  * @param onCancel Called when the consumer cancels the stream.
+ * @param hold Told when the source is paused (true) and resumed (false), for
+ *   sources that go on reading what is under them while paused (Deno's TLS
+ *   socket over streams).
  * @returns The readable side.
  */
 export function readableFromNode(
   src: Readable,
   onCancel: () => void,
+  hold?: (held: boolean) => void,
 ): ReadableStream<Uint8Array> {
   let done = false;
   let paused = false;
@@ -133,6 +138,7 @@ export function readableFromNode(
         if (!paused && (controller.desiredSize ?? 0) <= 0) {
           paused = true;
           src.pause();
+          hold?.(true);
         }
       });
       src.on("end", () => finish());
@@ -142,6 +148,7 @@ export function readableFromNode(
     pull() {
       if (paused) {
         paused = false;
+        hold?.(false);
         src.resume();
       }
     },
@@ -166,11 +173,15 @@ export function readableFromNode(
  *   the web stream instead of becoming uncaught exceptions.
  * @param onClose Called by the web stream's `close()`; by default `end()`
  *   (for a socket opened with allowHalfOpen: a FIN that leaves reading open).
+ * @param room After each write `dst` accepted: undefined, or a promise to
+ *   wait for first, for destinations whose `write()` accepts without bound
+ *   (Bun's TLS socket over streams).
  * @returns The writable side.
  */
 export function writableFromNode(
   dst: Writable,
   onClose: () => Promise<void> = () => endWritable(dst),
+  room?: () => Promise<void> | undefined,
 ): WritableStream<Uint8Array> {
   let corked = false;
   let failure: Error | null = null;
@@ -200,7 +211,7 @@ export function writableFromNode(
         dst.cork();
         process.nextTick(uncork);
       }
-      if (dst.write(chunk)) return;
+      if (dst.write(chunk)) return room?.();
       return new Promise<void>((resolve, reject) => {
         wake = (err) => {
           wake = null;
@@ -339,12 +350,15 @@ function peerRefusal(sock: tls.TLSSocket): string | null {
  * @param transport A connected socket, or any duplex carrying the bytes.
  * @param options The credentials (prepared by {@linkcode prepareNodeTls}).
  * @param closeTransport Ends the transport for good.
+ * @param overStreams For a transport made of web streams: what bounds the
+ *   TLS socket's reading and writing, and what ends it.
  * @returns The TLS connection.
  */
 function secureServer(
   transport: net.Socket | Duplex,
   options: TlsServerOptions,
   closeTransport: () => void,
+  overStreams?: TransportFlow,
 ): Promise<Connection> {
   prepareNodeTls(options);
   const psk = options.psk;
@@ -357,6 +371,9 @@ function secureServer(
     // An unknown identity gets null: the handshake fails with unknown_psk_identity.
     ...(psk ? { pskCallback: (_: unknown, identity: string) => psk.get(identity) ?? null } : {}),
   } as tls.TLSSocketOptions);
+  // Deno's TLS socket outlives a transport made of streams that failed: its
+  // writes would go on succeeding, and the requests left be served for nobody.
+  if (overStreams) transport.once("close", () => sock.destroy());
   return new Promise((resolve, reject) => {
     const cleanup = () => {
       sock.off("error", fail);
@@ -385,8 +402,12 @@ function secureServer(
       if (refusal) return fail(new Error(refusal));
       cleanup();
       resolve({
-        readable: readableFromNode(sock, () => sock.pause()),
-        writable: writableFromNode(sock),
+        readable: readableFromNode(sock, () => sock.pause(), overStreams?.hold),
+        writable: writableFromNode(
+          sock,
+          overStreams ? () => endWritable(sock).then(overStreams.sent) : undefined,
+          overStreams?.room,
+        ),
         close() {
           destroyNow(sock);
           closeTransport();
@@ -413,6 +434,18 @@ export function startTlsOverStreams(
   const reader = conn.readable.getReader();
   const writer = conn.writable.getWriter();
   let reading = false;
+  let held = false;
+  let wanted = false;
+  let roomWaiter: ((err?: Error) => void) | null = null;
+  const read = () => {
+    if (held) {
+      wanted = true;
+      return;
+    }
+    if (reading) return;
+    reading = true;
+    pump().catch((err) => transport.destroy(err));
+  };
   const pump = async (): Promise<void> => {
     while (true) {
       const { value, done } = await reader.read();
@@ -425,13 +458,12 @@ export function startTlsOverStreams(
     }
   };
   const transport: Duplex = new Duplex({
-    read() {
-      if (reading) return;
-      reading = true;
-      pump().catch((err) => transport.destroy(err));
-    },
+    read,
     write(chunk: Uint8Array, _encoding, callback) {
-      writer.write(chunk).then(() => callback(), callback);
+      writer.write(chunk).then(() => {
+        callback();
+        if (roomWaiter && transport.writableLength <= TLS_WRITE_LOW) roomWaiter();
+      }, callback);
     },
     final(callback) {
       writer.close().then(() => callback(), callback);
@@ -442,8 +474,56 @@ export function startTlsOverStreams(
       callback(err);
     },
   });
-  return secureServer(transport, options, () => transport.destroy());
+  // Deno's and Bun's TLS sockets neither stop reading the transport when
+  // paused nor wait for it to take what they write: without these bounds a
+  // client that sends requests and reads no reply grows the server without
+  // limit (Deno holds the requests, Bun the replies).
+  const flow: TransportFlow = {
+    hold(on) {
+      held = on;
+      if (!on && wanted) {
+        wanted = false;
+        read();
+      }
+    },
+    room() {
+      if (transport.writableLength <= TLS_WRITE_HIGH) return undefined;
+      return new Promise<void>((resolve, reject) => {
+        const done = (err?: Error) => {
+          roomWaiter = null;
+          transport.off("close", closed).off("error", done);
+          if (err) reject(err);
+          else resolve();
+        };
+        const closed = () => done(new Error("Connection closed"));
+        roomWaiter = done;
+        transport.on("close", closed).on("error", done);
+      });
+    },
+    // The TLS socket's end() is done once TLS has the clear text, not once the
+    // connection has the records: closing then would cut off the last replies
+    // (Bun) or the last option reply (Deno, which never ends the transport).
+    async sent() {
+      if (!transport.writableEnded) transport.end();
+      await finished(transport, { readable: false });
+    },
+  };
+  return secureServer(transport, options, () => transport.destroy(), flow);
 }
+
+/** How {@linkcode startTlsOverStreams} bounds and ends the TLS socket over its transport. */
+interface TransportFlow {
+  /** The clear text's consumer has enough (true) or wants more (false): reading the transport waits. */
+  hold(held: boolean): void;
+  /** After a write of clear text: a promise while the transport holds too much ciphertext. */
+  room(): Promise<void> | undefined;
+  /** After the TLS socket's end(): settles once the connection has every record and is ended. */
+  sent(): Promise<void>;
+}
+
+/** Ciphertext the transport may hold before writes of clear text wait, until it holds {@linkcode TLS_WRITE_LOW}. */
+const TLS_WRITE_HIGH = 16 * 1024 * 1024;
+const TLS_WRITE_LOW = 8 * 1024 * 1024;
 
 function listenOn(
   server: net.Server,

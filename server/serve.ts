@@ -317,9 +317,12 @@ export async function startServer<H>(
                   return Promise.resolve();
                 };
               },
-              secure(secure, secureReader) {
+              secure(secure, secureReader, secureWriter) {
                 entry.secure = secure;
                 entry.stop = () => secureReader.cancel();
+                // Closed gracefully at the end even when the handshake stops
+                // there: the last option reply must go out before close_notify.
+                writer = secureWriter;
               },
             })
             : undefined,

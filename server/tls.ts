@@ -221,14 +221,22 @@ async function prefixed<T>(option: string, load: () => Promise<T>): Promise<T> {
  * @param conn The client's connection, in clear.
  * @param events `starting`: the connection's streams are handed to TLS (a
  *   server that stops now must close the connection, there is no reader to
- *   cancel); `secure`: the TLS connection and its reader, once established
- *   (the server closes and cancels those from then on).
+ *   cancel); `secure`: the TLS connection, its reader and its writer, once
+ *   established (the server closes and cancels those from then on: the
+ *   handshake may end there, after NBD_OPT_ABORT's reply, say).
  * @returns The hook for the handshake.
  */
 export function tlsUpgrade(
   config: TlsConfig,
   conn: Connection,
-  events: { starting(): void; secure(secure: Connection, reader: ByteReader): void },
+  events: {
+    starting(): void;
+    secure(
+      secure: Connection,
+      reader: ByteReader,
+      writer: WritableStreamDefaultWriter<Uint8Array>,
+    ): void;
+  },
 ): TlsUpgrade {
   return {
     required: config.required,
@@ -243,8 +251,9 @@ export function tlsUpgrade(
       events.starting();
       const secure = await conn.startTls(config.options);
       const secureReader = new ByteReader(secure.readable);
-      events.secure(secure, secureReader);
-      return { reader: secureReader, writer: secure.writable.getWriter() };
+      const secureWriter = secure.writable.getWriter();
+      events.secure(secure, secureReader, secureWriter);
+      return { reader: secureReader, writer: secureWriter };
     },
   };
 }

@@ -9,6 +9,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
 import { connect as netConnect, type Socket } from "node:net";
 import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { join } from "node:path";
@@ -22,7 +23,7 @@ import {
   shQuote,
   startTestServer,
 } from "./helpers.ts";
-import { concat, OPT, RawClient, u16, u32 } from "./raw_client.ts";
+import { CMD, concat, OPT, RawClient, requestBytes, u16, u32 } from "./raw_client.ts";
 
 const NBD_OPT_STARTTLS = 5;
 const NBD_REP_ACK = 1;
@@ -114,6 +115,52 @@ class Bytes {
     return all.slice(0, n);
   }
 }
+
+/**
+ * argv: socket, CA file, server pid. Greets, STARTTLS, GO, then sends 64 KiB
+ * READs for 3 seconds and reads nothing; prints the requests sent and how
+ * much the server's resident memory grew (KiB).
+ */
+const TLS_FLOOD = `
+import os, socket, ssl, struct, sys, threading, time
+path, ca, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def rss():
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmRSS"): return int(line.split()[1])
+def exactly(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise EOFError("closed")
+        b += c
+    return b
+def option(s, code, data=b""):
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", code, len(data)) + data)
+def reply(s):
+    h = exactly(s, 20)
+    exactly(s, struct.unpack(">I", h[16:20])[0])
+    return struct.unpack(">I", h[12:16])[0]
+s = socket.socket(socket.AF_UNIX)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect(path)
+exactly(s, 18); s.sendall(struct.pack(">I", 3))
+option(s, 5); assert reply(s) == 1
+ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+s = ctx.wrap_socket(s)
+option(s, 7, struct.pack(">IH", 0, 0))
+while reply(s) != 1: pass
+before = rss()
+batch = struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 65536) * 500
+sent = [0]
+def run():
+    try:
+        while True: s.sendall(batch); sent[0] += 500
+    except OSError: pass
+threading.Thread(target=run, daemon=True).start()
+time.sleep(3)
+print(sent[0], rss() - before, flush=True)
+os._exit(0)  # the sender is blocked in sendall: leave without waiting for it
+`;
 
 const IHAVEOPT = new Uint8Array([0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54]);
 
@@ -344,6 +391,96 @@ describe("TLS", () => {
     );
     assert.equal(r.status, 0, r.stderr);
     assert.equal(sha256(back), sha256(image));
+  });
+
+  test("the last replies go out before the TLS connection closes: ABORT's ACK, READs before DISC", async () => {
+    const image = join(dir, "tail.img");
+    assert.equal(sh(`head -c 16M /dev/urandom > ${shQuote(image)}`).status, 0);
+    const disk = readFileSync(image);
+    const server = await startTestServer([
+      "--tls=require",
+      `--tls-certificates=${certs}`,
+      "file",
+      image,
+    ]);
+    const ca = readFileSync(join(certs, "ca-cert.pem"), "utf8");
+    try {
+      for (let round = 0; round < 3; round++) {
+        const aborting = await startTls(server.socket, { ca });
+        const bytes = new Bytes(aborting);
+        aborting.write(option(OPT.ABORT));
+        assert.equal(await replyType(bytes), NBD_REP_ACK, "NBD_OPT_ABORT over TLS");
+        aborting.destroy();
+      }
+      // Ten 1 MiB READs and DISC in one go: all ten replies, whole, then the end.
+      const reading = await startTls(server.socket, { ca });
+      const bytes = new Bytes(reading);
+      assert.equal(await go(reading, bytes), NBD_REP_ACK);
+      const MiB = 1024 * 1024;
+      for (let i = 0; i < 10; i++) {
+        reading.write(requestBytes(CMD.READ, BigInt(i * MiB), MiB, { cookie: BigInt(i) }));
+      }
+      reading.write(requestBytes(CMD.DISC, 0n, 0));
+      for (let i = 0; i < 10; i++) {
+        const header = await bytes.read(16);
+        assert.ok(header, `reply ${i} never came`);
+        const v = new DataView(header.buffer, header.byteOffset, 16);
+        assert.equal(v.getUint32(4), 0, `reply ${i}: error`);
+        const cookie = Number(v.getBigUint64(8));
+        const data = await bytes.read(MiB);
+        assert.ok(data, `reply ${i} was cut off`);
+        assert.ok(
+          disk.subarray(cookie * MiB, (cookie + 1) * MiB).equals(data),
+          `reply ${i} (cookie ${cookie}): wrong data`,
+        );
+      }
+      assert.equal(await bytes.read(1), null, "bytes after the last reply");
+      reading.destroy();
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
+  });
+
+  test("a TLS client that never reads its replies cannot grow the server without bound", async () => {
+    const server = await startTestServer([
+      "--tls=require",
+      `--tls-certificates=${certs}`,
+      "memory",
+      "size=16M",
+    ]);
+    try {
+      // Python's ssl over a socket with a small receive buffer that is never
+      // read: the server's replies back up as far as its own memory. Before
+      // the fix Deno held the requests (4.8 GiB in 12 s), Bun the replies.
+      const flood = spawnSync("python3", [
+        "-c",
+        TLS_FLOOD,
+        server.socket,
+        join(certs, "ca-cert.pem"),
+        String(server.pid),
+      ], {
+        encoding: "utf8",
+        timeout: 60_000,
+      });
+      assert.equal(flood.status, 0, flood.stderr);
+      const [sent, grewKiB] = flood.stdout.trim().split(" ").map(Number);
+      assert.ok(sent > 100_000, `only ${sent} requests sent`);
+      assert.ok(
+        grewKiB < 160 * 1024,
+        `resident memory grew by ${grewKiB} KiB after ${sent} requests`,
+      );
+      // The requests left when that client went are not served for nobody:
+      // the next client is answered at once.
+      const r = sh(
+        `timeout 20 nbdinfo --size ${
+          shQuote(`nbds+unix:///?socket=${server.socket}&tls-certificates=${noCert}`)
+        }`,
+      );
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout.trim(), String(16 << 20));
+    } finally {
+      assert.equal(await server.stop(), 0);
+    }
   });
 
   test("qemu-img reads and writes over TLS with tls-creds-x509", async () => {
