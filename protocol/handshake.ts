@@ -144,14 +144,26 @@ function decode(bytes: Uint8Array): string | null {
 /** A bad option: answered with `NBD_REP_ERR_INVALID` and a debug message. */
 class InvalidOption extends Error {}
 
-/** Parse `u32 length, name` of INFO/GO/META_CONTEXT payloads. */
-function readName(p: Payload, what: string): string {
+/**
+ * Check a string the client sent as nbdkit does (at most 4096 bytes, no NUL,
+ * which C servers and plugins would cut the string at) and decode it: a name
+ * that is not UTF-8 could not be matched or logged faithfully.
+ */
+function clientString(bytes: Uint8Array, what: string): string {
+  if (bytes.length > NBD_MAX_STRING) {
+    throw new InvalidOption(`${what} too long (${bytes.length} bytes > ${NBD_MAX_STRING})`);
+  }
+  if (bytes.includes(0)) throw new InvalidOption(`${what} may not include NUL bytes`);
+  const s = decode(bytes);
+  if (s === null) throw new InvalidOption(`${what} is not UTF-8`);
+  return s;
+}
+
+/** Parse a `u32 length, string` field of INFO/GO/META_CONTEXT payloads. */
+function readString(p: Payload, what: string): string {
   const len = p.u32();
-  if (len === null || len > p.left) throw new InvalidOption(`${what}: truncated export name`);
-  if (len > NBD_MAX_STRING) throw new InvalidOption(`${what}: export name too long (${len} bytes)`);
-  const name = decode(p.bytes(len)!);
-  if (name === null) throw new InvalidOption(`${what}: export name is not UTF-8`);
-  return name;
+  if (len === null || len > p.left) throw new InvalidOption(`${what}: truncated`);
+  return clientString(p.bytes(len)!, what);
 }
 
 /**
@@ -237,9 +249,12 @@ export async function handshake(
     try {
       switch (option) {
         case NBD_OPT_EXPORT_NAME: {
-          const exportName = length <= NBD_MAX_STRING ? decode(data) : null;
-          if (exportName === null) {
-            throw new ProtocolError("client sent an invalid or too long export name");
+          let exportName: string;
+          try {
+            exportName = clientString(data, `${name}: export name`);
+          } catch (err) {
+            // EXPORT_NAME has no error reply: closing is the answer.
+            throw new ProtocolError(messageOf(err));
           }
           options.debug(`newstyle negotiation: ${name}: client requested export '${exportName}'`);
           let session: ExportSession;
@@ -328,7 +343,7 @@ export async function handshake(
         case NBD_OPT_INFO:
         case NBD_OPT_GO: {
           const p = new Payload(data);
-          const exportName = readName(p, name);
+          const exportName = readString(p, `${name}: export name`);
           const nInfos = p.u16();
           if (nInfos === null || p.left !== nInfos * 2) {
             throw new InvalidOption(`${name}: information request list has the wrong length`);
@@ -409,16 +424,12 @@ export async function handshake(
             throw new InvalidOption(`${name}: structured replies must be negotiated first`);
           }
           const p = new Payload(data);
-          const exportName = readName(p, name);
+          const exportName = readString(p, `${name}: export name`);
           const nQueries = p.u32();
           if (nQueries === null) throw new InvalidOption(`${name}: truncated query count`);
           const queries: string[] = [];
           for (let i = 0; i < nQueries; i++) {
-            const len = p.u32();
-            if (len === null || len > p.left) throw new InvalidOption(`${name}: truncated query`);
-            const q = decode(p.bytes(len)!);
-            if (q === null) throw new InvalidOption(`${name}: query is not UTF-8`);
-            queries.push(q);
+            queries.push(readString(p, `${name}: query`));
           }
           if (p.left !== 0) throw new InvalidOption(`${name}: trailing bytes`);
           options.debug(

@@ -103,6 +103,35 @@ describe("bad input", () => {
     control(server);
   });
 
+  test("a NUL in an export name or a meta context query, or a query over 4096 bytes, is refused (as nbdkit)", async () => {
+    const nul = new Uint8Array([0x61, 0, 0x62]);
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    c.option(OPT.GO, concat(u32(nul.length), nul, u16(0)));
+    assert.equal((await c.optionReply())?.type, 0x80000003); // ERR_INVALID
+    c.option(OPT.STRUCTURED_REPLY);
+    assert.equal((await c.optionReply())?.type, 1);
+    const query = (q: Uint8Array) => concat(u32(0), u32(1), u32(q.length), q);
+    c.option(
+      OPT.SET_META_CONTEXT,
+      query(new Uint8Array([...new TextEncoder().encode("base:"), 0])),
+    );
+    assert.equal((await c.optionReply())?.type, 0x80000003);
+    c.option(OPT.SET_META_CONTEXT, query(new Uint8Array(4097).fill(0x61)));
+    assert.equal((await c.optionReply())?.type, 0x80000003);
+    // The refusals leave the handshake usable: base:allocation is still chosen.
+    c.option(OPT.SET_META_CONTEXT, query(new TextEncoder().encode("base:allocation")));
+    assert.equal((await c.optionReply())?.type, 4); // NBD_REP_META_CONTEXT
+    assert.equal((await c.optionReply())?.type, 1);
+    c.option(OPT.EXPORT_NAME, nul);
+    assert.equal(await c.closedWithin(5000), true);
+    assert.match(
+      await server.waitForStderr(/NBD_OPT_EXPORT_NAME: export name may not include NUL bytes\n/),
+      /error: NBD_OPT_EXPORT_NAME: export name may not include NUL bytes\n/,
+    );
+    control(server);
+  });
+
   test("a request with bad magic ends that connection only", async () => {
     const c = await RawClient.connect(server.socket);
     await c.go();

@@ -7,7 +7,14 @@
 import { connect, type Socket } from "node:net";
 
 /** NBD option and command numbers used by the tests. */
-export const OPT = { EXPORT_NAME: 1, ABORT: 2, LIST: 3, GO: 7, STRUCTURED_REPLY: 8 } as const;
+export const OPT = {
+  EXPORT_NAME: 1,
+  ABORT: 2,
+  LIST: 3,
+  GO: 7,
+  STRUCTURED_REPLY: 8,
+  SET_META_CONTEXT: 10,
+} as const;
 /** Commands. */
 export const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, ZERO: 6, STATUS: 7 } as const;
 
