@@ -109,12 +109,13 @@ export interface Server {
  * Whether a transport error only says that the client went away (a reset,
  * or a write after it closed): news for `-v`, not an error of the server.
  * Deno's BadResource is a read of a connection that a failed write (the
- * same reset) has closed meanwhile.
+ * same reset) has closed meanwhile, and its Interrupted ("operation
+ * canceled") a read or write that was pending when that close came.
  */
 function peerHungUp(err: unknown): boolean {
   const { code, name } = (err ?? {}) as { code?: unknown; name?: unknown };
   return code === "EPIPE" || code === "ECONNRESET" || name === "BrokenPipe" ||
-    name === "ConnectionReset" || name === "BadResource" ||
+    name === "ConnectionReset" || name === "BadResource" || name === "Interrupted" ||
     /\(os error (32|104)\)/.test(messageOf(err));
 }
 
