@@ -315,12 +315,11 @@ function validate(
   if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && count > MAX_REQUEST_SIZE) {
     return bad(NBD_ENOMEM, `count ${count} is larger than the maximum ${MAX_REQUEST_SIZE}`);
   }
-  if (count === 0) return bad(NBD_EINVAL, "count is zero");
+  // The spec's SHOULD (and nbdkit): writing past the end is "no space";
+  // nbdkit counts a zero length as out of range too, so it is the same.
+  const beyond = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+  if (count === 0) return bad(beyond, "count is zero");
   if (hasRange(type)) {
-    // The spec's SHOULD (and nbdkit): writing past the end is "no space".
-    const beyond = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES
-      ? NBD_ENOSPC
-      : NBD_EINVAL;
     const offset = offHi * TWO32 + offLo;
     if (offset + count > MAX_SAFE) {
       const end = ((BigInt(offHi) << 32n) | BigInt(offLo)) + BigInt(count);

@@ -144,7 +144,7 @@ describe("bad input", () => {
     control(server);
   });
 
-  test("READ past the end gets EINVAL, WRITE ENOSPC (as nbdkit), and the connection stays", async () => {
+  test("READ past the end or of no bytes gets EINVAL, WRITE ENOSPC (as nbdkit), and the connection stays", async () => {
     const c = await RawClient.connect(server.socket);
     const { size } = await c.go();
     assert.equal(size, BigInt(SIZE));
@@ -153,6 +153,13 @@ describe("bad input", () => {
     c.request(CMD.WRITE, BigInt(SIZE), 4, { cookie: 2n, payload: new Uint8Array(4) });
     assert.equal((await c.simpleReply())?.error, ENOSPC);
     c.request(CMD.READ, 0xffffffffffff0000n, 512, { cookie: 3n });
+    assert.equal((await c.simpleReply())?.error, EINVAL);
+    // A zero length is out of range too.
+    c.request(CMD.WRITE, 0n, 0, { cookie: 5n });
+    assert.equal((await c.simpleReply())?.error, ENOSPC);
+    c.request(CMD.ZERO, 0n, 0, { cookie: 6n });
+    assert.equal((await c.simpleReply())?.error, ENOSPC);
+    c.request(CMD.READ, 0n, 0, { cookie: 7n });
     assert.equal((await c.simpleReply())?.error, EINVAL);
     c.request(CMD.READ, 0n, 512, { cookie: 4n });
     const ok = await c.simpleReply(512);
