@@ -420,6 +420,8 @@ export async function handshake(
             await reply(option, NBD_REP_ERR_UNSUP);
             break;
           }
+          // The spec: SET replaces the contexts set before, even when it fails.
+          if (option === NBD_OPT_SET_META_CONTEXT) metaExport = null;
           if (!structured) {
             throw new InvalidOption(`${name}: structured replies must be negotiated first`);
           }
@@ -440,7 +442,7 @@ export async function handshake(
           const matches = list && nQueries === 0
             ? true
             : queries.some((q) => q === BASE_ALLOCATION || (list && q === "base:"));
-          if (!list) metaExport = matches ? exportName : null;
+          if (!list && matches) metaExport = exportName;
           if (matches) {
             options.debug(`newstyle negotiation: ${name}: replying with ${BASE_ALLOCATION}`);
             await reply(

@@ -119,7 +119,7 @@ describe("bad input", () => {
     assert.equal((await c.optionReply())?.type, 0x80000003);
     c.option(OPT.SET_META_CONTEXT, query(new Uint8Array(4097).fill(0x61)));
     assert.equal((await c.optionReply())?.type, 0x80000003);
-    // The refusals leave the handshake usable: base:allocation is still chosen.
+    // The refusals leave the handshake usable: base:allocation can still be chosen.
     c.option(OPT.SET_META_CONTEXT, query(new TextEncoder().encode("base:allocation")));
     assert.equal((await c.optionReply())?.type, 4); // NBD_REP_META_CONTEXT
     assert.equal((await c.optionReply())?.type, 1);
@@ -129,6 +129,36 @@ describe("bad input", () => {
       await server.waitForStderr(/NBD_OPT_EXPORT_NAME: export name may not include NUL bytes\n/),
       /error: NBD_OPT_EXPORT_NAME: export name may not include NUL bytes\n/,
     );
+    control(server);
+  });
+
+  test("a refused SET_META_CONTEXT drops the context set before it, as the spec says", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    c.option(OPT.STRUCTURED_REPLY);
+    assert.equal((await c.optionReply())?.type, 1);
+    const set = (q: Uint8Array) => concat(u32(0), u32(1), u32(q.length), q);
+    const base = new TextEncoder().encode("base:allocation");
+    c.option(OPT.SET_META_CONTEXT, set(base));
+    assert.equal((await c.optionReply())?.type, 4); // NBD_REP_META_CONTEXT
+    assert.equal((await c.optionReply())?.type, 1);
+    c.option(OPT.SET_META_CONTEXT, set(concat(base, new Uint8Array([0]))));
+    assert.equal((await c.optionReply())?.type, 0x80000003); // ERR_INVALID
+    c.option(OPT.GO, concat(u32(0), u16(0)));
+    let reply;
+    do reply = await c.optionReply(); while (reply && reply.type === 3);
+    assert.equal(reply?.type, 1);
+    // No context is left, so BLOCK_STATUS is refused: an error chunk with EINVAL.
+    c.request(CMD.STATUS, 0n, 4096, { cookie: 9n });
+    const header = await c.read(20);
+    assert.ok(header, "a reply to BLOCK_STATUS");
+    const v = new DataView(header.buffer, header.byteOffset, 20);
+    assert.equal(v.getUint32(0), 0x668e33ef); // structured reply magic
+    assert.equal(v.getUint16(6), 0x8001); // NBD_REPLY_TYPE_ERROR
+    assert.equal(v.getBigUint64(8), 9n);
+    const payload = await c.read(v.getUint32(16));
+    assert.equal(new DataView(payload!.buffer, payload!.byteOffset).getUint32(0), EINVAL);
+    c.destroy();
     control(server);
   });
 
