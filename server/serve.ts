@@ -106,6 +106,13 @@ export interface Server {
 }
 
 /**
+ * How long the last replies may take to reach the client once its
+ * connection ends (after NBD_CMD_DISC, NBD_OPT_ABORT or an error) before
+ * the connection is closed anyway; a shutdown does not wait for it.
+ */
+const CLOSE_GRACE_MS = 10_000;
+
+/**
  * Whether a transport error only says that the client went away (a reset,
  * or a write after it closed): news for `-v`, not an error of the server.
  * Deno's BadResource is a read of a connection that a failed write (the
@@ -248,8 +255,9 @@ export async function startServer<H>(
   log.debug(`${plugin.name}: get_ready`);
   await plugin.getReady?.();
   /**
-   * A client. `stop` ends its reading (the transmission loop then finishes
-   * what is in flight); STARTTLS changes `stop` and sets `secure`.
+   * A client. `stop` closes it during the handshake, does nothing in
+   * transmission (`stopping` drains it), and cuts its last replies short once
+   * it ends; STARTTLS sets `secure`.
    */
   type Entry = {
     conn: Connection;
@@ -283,14 +291,23 @@ export async function startServer<H>(
     const clog = new Logger(`${plugin.name}[${id}]`);
     const traceTo = (m: string) => clog.debug(m);
     clog.debug("accepted connection");
+    /** We closed the connection (timeout, shutdown): what fails next is no news. */
+    let hungUp = false;
+    // A shutdown before transmission closes the connection: there is nothing
+    // in flight to finish, and a handshake whose replies the client does not
+    // read would not end by itself.
+    entry.stop = () => {
+      hungUp = true;
+      entry.secure?.close();
+      conn.close();
+      return Promise.resolve();
+    };
     const release = plugin.threadModel === "serialize_connections"
       ? await connectionLock.acquire()
       : null;
     let session: ExportSession | null = null;
     let writer: WritableStreamDefaultWriter<Uint8Array> | null = null;
     const timeoutMs = (options.handshakeTimeout ?? 60) * 1000;
-    /** We closed the connection (timeout, shutdown): what fails next is no news. */
-    let hungUp = false;
     const timer = timeoutMs > 0
       ? setTimeout(() => {
         clog.error(`client did not finish the handshake within ${timeoutMs / 1000} seconds`);
@@ -310,17 +327,9 @@ export async function startServer<H>(
           handshakeFlags,
           tls: options.tls
             ? tlsUpgrade(options.tls, conn, {
-              starting() {
-                // Mid-handshake there is no reader to cancel.
-                entry.stop = () => {
-                  hungUp = true;
-                  conn.close();
-                  return Promise.resolve();
-                };
-              },
-              secure(secure, secureReader, secureWriter) {
+              starting() {},
+              secure(secure, _secureReader, secureWriter) {
                 entry.secure = secure;
-                entry.stop = () => secureReader.cancel();
                 // Closed gracefully at the end even when the handshake stops
                 // there: the last option reply must go out before close_notify.
                 writer = secureWriter;
@@ -371,10 +380,19 @@ export async function startServer<H>(
           clog.error(`close: ${messageOf(err)}`);
         }
       }
-      try {
-        await writer?.close();
-      } catch {
-        // the peer is gone
+      if (writer) {
+        // The last replies go out before the connection closes; but a client
+        // that takes none of them holds neither the connection nor a shutdown.
+        let force!: () => void;
+        const forced = new Promise<"forced">((r) => force = () => r("forced"));
+        const grace = setTimeout(force, CLOSE_GRACE_MS);
+        entry.stop = () => (force(), Promise.resolve());
+        const closed = writer.close().catch(() => {}); // a failure: the peer is gone
+        if (await Promise.race([closed, forced]) === "forced") {
+          clog.debug("the client did not take the last replies: closing the connection");
+          hungUp = true;
+        }
+        clearTimeout(grace);
       }
       entry.secure?.close();
       conn.close();

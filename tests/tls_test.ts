@@ -9,7 +9,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { connect as netConnect, type Socket } from "node:net";
 import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { join } from "node:path";
@@ -160,6 +160,38 @@ threading.Thread(target=run, daemon=True).start()
 time.sleep(3)
 print(sent[0], rss() - before, flush=True)
 os._exit(0)  # the sender is blocked in sendall: leave without waiting for it
+`;
+
+/**
+ * argv: socket, CA file. STARTTLS, then 1000 NBD_OPT_INFO with 4096-byte
+ * names (some 4 MiB of replies), NBD_OPT_ABORT, and it reads nothing more;
+ * prints "sent" and waits to be killed.
+ */
+const TLS_STALL = `
+import socket, ssl, struct, sys, time
+path, ca = sys.argv[1], sys.argv[2]
+def exactly(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise EOFError("closed")
+        b += c
+    return b
+def option(s, code, data=b""):
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", code, len(data)) + data)
+s = socket.socket(socket.AF_UNIX)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect(path)
+exactly(s, 18); s.sendall(struct.pack(">I", 3))
+option(s, 5); assert struct.unpack(">I", exactly(s, 20)[12:16])[0] == 1
+ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+s = ctx.wrap_socket(s)
+name = b"x" * 4096
+for i in range(1000):
+    option(s, 6, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, 1))
+option(s, 2)
+print("sent", flush=True)
+time.sleep(120)
 `;
 
 const IHAVEOPT = new Uint8Array([0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54]);
@@ -480,6 +512,38 @@ describe("TLS", () => {
       assert.equal(r.stdout.trim(), String(16 << 20));
     } finally {
       assert.equal(await server.stop(), 0);
+    }
+  });
+
+  test("a TLS client that aborts and takes none of its replies does not hold up a shutdown", async () => {
+    const server = await startTestServer([
+      "--tls=require",
+      `--tls-certificates=${certs}`,
+      "memory",
+      "size=16M",
+    ]);
+    const client = spawn("python3", ["-c", TLS_STALL, server.socket, join(certs, "ca-cert.pem")], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    try {
+      const said = await new Promise<string>((resolve) => {
+        client.stdout!.once("data", (d) => resolve(String(d).trim()));
+        client.once("close", (code) => resolve(`exit ${code}`));
+      });
+      assert.equal(said, "sent");
+      await new Promise((r) => setTimeout(r, 500));
+      // Bun's TLS socket queues the replies; the graceful close waited for
+      // them forever, and SIGTERM with it.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const status = await Promise.race([
+        server.stop(),
+        new Promise<string>((r) => timer = setTimeout(() => r("still running after 20 s"), 20_000)),
+      ]);
+      clearTimeout(timer);
+      if (status !== 0) process.kill(server.pid, "SIGKILL");
+      assert.equal(status, 0);
+    } finally {
+      client.kill("SIGKILL");
     }
   });
 
