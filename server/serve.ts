@@ -327,8 +327,7 @@ export async function startServer<H>(
           handshakeFlags,
           tls: options.tls
             ? tlsUpgrade(options.tls, conn, {
-              starting() {},
-              secure(secure, _secureReader, secureWriter) {
+              secure(secure, secureWriter) {
                 entry.secure = secure;
                 // Closed gracefully at the end even when the handshake stops
                 // there: the last option reply must go out before close_notify.
@@ -390,7 +389,6 @@ export async function startServer<H>(
         const closed = writer.close().catch(() => {}); // a failure: the peer is gone
         if (await Promise.race([closed, forced]) === "forced") {
           clog.debug("the client did not take the last replies: closing the connection");
-          hungUp = true;
         }
         clearTimeout(grace);
       }
@@ -408,7 +406,7 @@ export async function startServer<H>(
     const reader = new ByteReader(conn.readable);
     const entry: Entry = {
       conn,
-      stop: () => reader.cancel(),
+      stop: () => Promise.resolve(), // handle() sets it before its first await
       done: Promise.resolve(),
       stopping: new AbortController(),
     };

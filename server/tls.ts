@@ -219,23 +219,16 @@ async function prefixed<T>(option: string, load: () => Promise<T>): Promise<T> {
  *
  * @param config The server's TLS.
  * @param conn The client's connection, in clear.
- * @param events `starting`: the connection's streams are handed to TLS (a
- *   server that stops now must close the connection, there is no reader to
- *   cancel); `secure`: the TLS connection, its reader and its writer, once
- *   established (the server closes and cancels those from then on: the
- *   handshake may end there, after NBD_OPT_ABORT's reply, say).
+ * @param events `secure`: the TLS connection and its writer, once
+ *   established (the server closes those from then on: the handshake may end
+ *   there, after NBD_OPT_ABORT's reply, say).
  * @returns The hook for the handshake.
  */
 export function tlsUpgrade(
   config: TlsConfig,
   conn: Connection,
   events: {
-    starting(): void;
-    secure(
-      secure: Connection,
-      reader: ByteReader,
-      writer: WritableStreamDefaultWriter<Uint8Array>,
-    ): void;
+    secure(secure: Connection, writer: WritableStreamDefaultWriter<Uint8Array>): void;
   },
 ): TlsUpgrade {
   return {
@@ -248,11 +241,10 @@ export function tlsUpgrade(
       }
       reader.release();
       writer.releaseLock();
-      events.starting();
       const secure = await conn.startTls(config.options);
       const secureReader = new ByteReader(secure.readable);
       const secureWriter = secure.writable.getWriter();
-      events.secure(secure, secureReader, secureWriter);
+      events.secure(secure, secureWriter);
       return { reader: secureReader, writer: secureWriter };
     },
   };

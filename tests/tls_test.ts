@@ -117,16 +117,12 @@ class Bytes {
 }
 
 /**
- * argv: socket, CA file, server pid. Greets, STARTTLS, GO, then sends 64 KiB
- * READs for 3 seconds and reads nothing; prints the requests sent and how
- * much the server's resident memory grew (KiB).
+ * What the Python clients below share: raw option I/O, and `starttls(path,
+ * ca)`, a connection that greets, upgrades to TLS and returns the TLS socket,
+ * its receive buffer small so that replies it does not read back up at once.
  */
-const TLS_FLOOD = `
+const PY_TLS_CLIENT = `
 import os, socket, ssl, struct, sys, threading, time
-path, ca, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def rss():
-    for line in open("/proc/%d/status" % pid):
-        if line.startswith("VmRSS"): return int(line.split()[1])
 def exactly(s, n):
     b = b""
     while len(b) < n:
@@ -140,13 +136,27 @@ def reply(s):
     h = exactly(s, 20)
     exactly(s, struct.unpack(">I", h[16:20])[0])
     return struct.unpack(">I", h[12:16])[0]
-s = socket.socket(socket.AF_UNIX)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-s.connect(path)
-exactly(s, 18); s.sendall(struct.pack(">I", 3))
-option(s, 5); assert reply(s) == 1
-ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
-s = ctx.wrap_socket(s)
+def starttls(path, ca):
+    s = socket.socket(socket.AF_UNIX)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(path)
+    exactly(s, 18); s.sendall(struct.pack(">I", 3))
+    option(s, 5); assert reply(s) == 1
+    ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
+    return ctx.wrap_socket(s)
+`;
+
+/**
+ * argv: socket, CA file, server pid. Greets, STARTTLS, GO, then sends 64 KiB
+ * READs for 3 seconds and reads nothing; prints the requests sent and how
+ * much the server's resident memory grew (KiB).
+ */
+const TLS_FLOOD = PY_TLS_CLIENT + `
+path, ca, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def rss():
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmRSS"): return int(line.split()[1])
+s = starttls(path, ca)
 option(s, 7, struct.pack(">IH", 0, 0))
 while reply(s) != 1: pass
 before = rss()
@@ -167,25 +177,8 @@ os._exit(0)  # the sender is blocked in sendall: leave without waiting for it
  * names (some 4 MiB of replies), NBD_OPT_ABORT, and it reads nothing more;
  * prints "sent" and waits to be killed.
  */
-const TLS_STALL = `
-import socket, ssl, struct, sys, time
-path, ca = sys.argv[1], sys.argv[2]
-def exactly(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: raise EOFError("closed")
-        b += c
-    return b
-def option(s, code, data=b""):
-    s.sendall(b"IHAVEOPT" + struct.pack(">II", code, len(data)) + data)
-s = socket.socket(socket.AF_UNIX)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-s.connect(path)
-exactly(s, 18); s.sendall(struct.pack(">I", 3))
-option(s, 5); assert struct.unpack(">I", exactly(s, 20)[12:16])[0] == 1
-ctx = ssl.create_default_context(cafile=ca); ctx.check_hostname = False
-s = ctx.wrap_socket(s)
+const TLS_STALL = PY_TLS_CLIENT + `
+s = starttls(sys.argv[1], sys.argv[2])
 name = b"x" * 4096
 for i in range(1000):
     option(s, 6, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, 1))
