@@ -33,6 +33,7 @@ import {
   NBD_REP_ERR_PLATFORM,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_TLS_REQD,
+  NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
@@ -48,8 +49,21 @@ import { messageOf } from "../plugins/errors.ts";
 /** The id of `base:allocation` when selected. */
 export const BASE_ALLOCATION_ID = 1;
 
-/** The largest option payload accepted; longer ones end the connection. */
+/** The largest option payload read; longer ones are skipped and refused. */
 export const MAX_OPTION_LENGTH = 64 * 1024;
+/** Beyond this (nbdkit's limit too) an option is not even skipped: the connection ends. */
+export const MAX_OPTION_SKIP = 64 * 1024 * 1024;
+/** The options this server knows: too long, they get NBD_REP_ERR_TOO_BIG, others NBD_REP_ERR_UNSUP. */
+const KNOWN_OPTIONS = new Set([
+  NBD_OPT_ABORT,
+  NBD_OPT_LIST,
+  NBD_OPT_STARTTLS,
+  NBD_OPT_INFO,
+  NBD_OPT_GO,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT,
+]);
 /** Options accepted per handshake before the server gives up on the client. */
 export const MAX_OPTIONS = 1024;
 
@@ -201,6 +215,7 @@ export async function handshake(
     throw new ProtocolError(`client sent handshake flags 0x${cflags.toString(16)} not offered`);
   }
   const noZeroes = (cflags & NBD_FLAG_C_NO_ZEROES) !== 0;
+  const fixed = (cflags & NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
   options.debug(`newstyle negotiation: client flags: 0x${cflags.toString(16)}`);
 
   let structured = false;
@@ -229,14 +244,36 @@ export async function handshake(
     }
     const option = hv.getUint32(8);
     const length = hv.getUint32(12);
+    const name = optionName(option);
     if (length > MAX_OPTION_LENGTH) {
-      throw new ProtocolError(
-        `client option ${optionName(option)} too long: ${length} bytes > ${MAX_OPTION_LENGTH}`,
-      );
+      const tooLong = `client option ${name} too long: ${length} bytes > ${MAX_OPTION_LENGTH}`;
+      // EXPORT_NAME has no error reply; past nbdkit's own limit, not worth the bandwidth.
+      if (length > MAX_OPTION_SKIP || option === NBD_OPT_EXPORT_NAME) {
+        throw new ProtocolError(tooLong);
+      }
+      // The length is there so that a server can step over what it will not
+      // read: the client gets an answer and may go on, as with nbdkit.
+      await reader.skip(length);
+      options.debug(tooLong);
+      let refusal = KNOWN_OPTIONS.has(option) ? NBD_REP_ERR_TOO_BIG : NBD_REP_ERR_UNSUP;
+      if (!fixed) refusal = NBD_REP_ERR_INVALID;
+      if (
+        options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT
+      ) {
+        refusal = NBD_REP_ERR_TLS_REQD;
+      }
+      await reply(option, refusal);
+      continue;
     }
     const data = length > 0 ? await reader.read(length) : new Uint8Array(0);
-    const name = optionName(option);
     options.debug(`newstyle negotiation: ${name}${length > 0 ? ` (${length} bytes)` : ""}`);
+
+    if (!fixed && option !== NBD_OPT_EXPORT_NAME) {
+      // Without fixed newstyle only EXPORT_NAME exists; nbdkit answers the rest so.
+      options.debug(`${name}: the client did not ask for fixed newstyle`);
+      await reply(option, NBD_REP_ERR_INVALID);
+      continue;
+    }
 
     if (options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
       if (option === NBD_OPT_EXPORT_NAME) {

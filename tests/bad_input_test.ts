@@ -5,6 +5,10 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { nbdsh, requireTool, startTestServer, type TestServer } from "./helpers.ts";
 import { CMD, concat, OPT, RawClient, u16, u32 } from "./raw_client.ts";
 
@@ -71,6 +75,42 @@ describe("bad input", () => {
       /too long: 2147483647 bytes/,
     );
     control(server);
+  });
+
+  test("an option over 64 KiB is skipped and refused, and the client goes on (as nbdkit)", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet();
+    c.option(OPT.GO, new Uint8Array(70_000));
+    const known = await c.optionReply();
+    assert.equal(known?.option, OPT.GO);
+    assert.equal(known?.type, 0x80000009); // NBD_REP_ERR_TOO_BIG
+    c.option(0x4242, new Uint8Array(1024 * 1024).fill(0x49)); // IHAVEOPT's first byte, many times
+    const unknown = await c.optionReply();
+    assert.equal(unknown?.option, 0x4242);
+    assert.equal(unknown?.type, 0x80000001); // NBD_REP_ERR_UNSUP
+    c.option(OPT.GO, concat(u32(0), u16(0)));
+    let reply;
+    do reply = await c.optionReply(); while (reply && reply.type === 3);
+    assert.equal(reply?.type, 1);
+    c.request(CMD.READ, 0n, 512, { cookie: 8n });
+    assert.equal((await c.simpleReply(512))?.error, 0);
+    c.destroy();
+    control(server);
+  });
+
+  test("a client without fixed newstyle gets NBD_REP_ERR_INVALID but for EXPORT_NAME (as nbdkit)", async () => {
+    const c = await RawClient.connect(server.socket);
+    await c.greet(0);
+    c.option(OPT.LIST);
+    const r = await c.optionReply();
+    assert.equal(r?.option, OPT.LIST);
+    assert.equal(r?.type, 0x80000003); // NBD_REP_ERR_INVALID
+    c.option(OPT.EXPORT_NAME);
+    const info = await c.read(8 + 2 + 124); // size, flags and the zeroes it did not refuse
+    assert.equal(new DataView(info!.buffer).getBigUint64(0), BigInt(SIZE));
+    c.request(CMD.READ, 0n, 512, { cookie: 9n });
+    assert.equal((await c.simpleReply(512))?.error, 0);
+    c.destroy();
   });
 
   test("an unknown option gets NBD_REP_ERR_UNSUP and the client goes on", async () => {
@@ -206,9 +246,11 @@ describe("bad input", () => {
   });
 
   test("a request over the maximum size is refused, its payload skipped", async () => {
-    const c = await RawClient.connect(server.socket);
+    // Larger than the limit, so that the request is in range: out of range comes first, as in nbdkit.
+    const large = await startTestServer(["memory", "size=1G"]);
+    const c = await RawClient.connect(large.socket);
     await c.go();
-    c.request(CMD.READ, 0n, 0xffffffff, { cookie: 1n });
+    c.request(CMD.READ, 0n, 65 * 1024 * 1024, { cookie: 1n });
     assert.equal((await c.simpleReply())?.error, ENOMEM);
     const big = 65 * 1024 * 1024;
     c.request(CMD.WRITE, 0n, big, { cookie: 2n, payload: new Uint8Array(big).fill(0x55) });
@@ -218,7 +260,7 @@ describe("bad input", () => {
     assert.equal(ok?.error, 0);
     assert.notDeepEqual([...ok!.data], new Array(16).fill(0x55)); // the refused payload was not written
     c.destroy();
-    control(server);
+    assert.equal(await large.stop(), 0);
   });
 
   test("a WRITE on a read-only export gets EPERM", async () => {
@@ -282,4 +324,100 @@ describe("bad input", () => {
       assert.match(line, /^nbdkit-ts: memory\[\d+\]: error: \S/);
     }
   });
+});
+
+/** `nbdkit -f -U SOCKET ARGS…`, listening; stop() ends it. */
+async function startNbdkit(args: string[]): Promise<{ socket: string; stop(): Promise<void> }> {
+  const dir = mkdtempSync(join(tmpdir(), "nbdkit-ts-peer-"));
+  const socket = join(dir, "nbd.sock");
+  const child = spawn("nbdkit", ["-f", "-U", socket, ...args], { stdio: "ignore" });
+  const exited = new Promise((resolve) => child.on("close", resolve));
+  for (let i = 0; i < 200 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(existsSync(socket), "nbdkit did not start");
+  return {
+    socket,
+    async stop() {
+      child.kill("SIGTERM");
+      await exited;
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+const MiB = 1024 * 1024;
+/** Offsets and counts: valid, empty, across the end, too large, far out, wrapping past 2^64. */
+const RANGES: [bigint, number][] = [
+  [0n, 4096],
+  [0n, 0],
+  [BigInt(MiB - 512), 1024],
+  [0n, 64 * MiB + 1],
+  [1n << 60n, 4096],
+  [(1n << 64n) - 4096n, 8192],
+];
+/** READ, WRITE, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS, and an unknown command. */
+const TYPES = [0, 1, 3, 4, 5, 6, 7, 9];
+/** None, FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, and an unknown flag. */
+const FLAGS = [0, 1, 2, 4, 8, 16, 0x100];
+
+/** The errno of every request of the matrix, one at a time on one connection. */
+async function errnos(socket: string): Promise<string[]> {
+  const c = await RawClient.connect(socket);
+  await c.go();
+  const out: string[] = [];
+  let cookie = 1n;
+  for (const type of TYPES) {
+    for (const flags of FLAGS) {
+      for (const [offset, count] of RANGES) {
+        // A 64 MiB payload for every flag would make this slow; one is enough.
+        if (type === 1 && count > 64 * MiB && flags !== 0) continue;
+        const payload = type === 1 ? new Uint8Array(count) : undefined;
+        c.request(type, offset, count, { flags, cookie, payload });
+        const r = await c.simpleReply(type === 0 ? count : 0);
+        assert.equal(
+          r?.cookie,
+          cookie,
+          `type ${type} flags ${flags} offset ${offset} count ${count}`,
+        );
+        out.push(`type ${type} flags 0x${flags.toString(16)} @${offset}+${count}: ${r?.error}`);
+        cookie++;
+      }
+    }
+  }
+  c.destroy();
+  return out;
+}
+
+test("requests with one fault or several get the errno nbdkit gives them", async () => {
+  requireTool("nbdkit");
+  for (const readonly of [false, true]) {
+    const ours = await startTestServer([...(readonly ? ["-r"] : []), "memory", `size=${MiB}`]);
+    const peer = await startNbdkit([...(readonly ? ["-r"] : []), "memory", `${MiB}`]);
+    try {
+      const [mine, theirs] = [await errnos(ours.socket), await errnos(peer.socket)];
+      assert.ok(mine.length > 300);
+      assert.deepEqual(mine, theirs, readonly ? "read-only" : "read-write");
+    } finally {
+      assert.equal(await ours.stop(), 0);
+      await peer.stop();
+    }
+  }
+});
+
+test("an offset in range but past 2^53 gets EINVAL, whatever the command", async () => {
+  const ours = await startTestServer(["null", "size=9223372036854775807"]);
+  try {
+    const c = await RawClient.connect(ours.socket);
+    await c.go();
+    for (
+      const [type, payload] of [[0, undefined], [1, new Uint8Array(512)], [6, undefined]] as const
+    ) {
+      c.request(type, 1n << 60n, 512, { cookie: 1n, payload });
+      assert.equal((await c.simpleReply())?.error, EINVAL, `type ${type}`);
+    }
+    c.request(CMD.READ, (1n << 53n) - 1024n, 512, { cookie: 2n });
+    assert.equal((await c.simpleReply(512))?.error, 0);
+    c.destroy();
+  } finally {
+    assert.equal(await ours.stop(), 0);
+  }
 });
