@@ -168,6 +168,22 @@ test("retained: a read across chunk boundaries and from head into window", () =>
   assert.deepEqual(buf, all.subarray(3, 33));
 });
 
+test("retained: a chunk filling little of its buffer is kept as a copy, a full one as it is", () => {
+  // A pipe read of a trickling writer: 4 KiB in a 64 KiB buffer. Holding the
+  // buffer would make a 64 MiB window cost a gigabyte.
+  const r = new RetainedBytes(0, 1 << 20);
+  const big = new Uint8Array(65536).fill(7);
+  r.append(big.subarray(0, 4096));
+  const full = new Uint8Array(8192).fill(9);
+  r.append(full);
+  big.fill(1); // the store's bytes are its own
+  full.fill(2); // the store owns this chunk: it was not copied
+  const buf = new Uint8Array(4096 + 8192);
+  assert.ok(r.copyOut(buf, 0));
+  assert.ok(buf.subarray(0, 4096).every((b) => b === 7));
+  assert.ok(buf.subarray(4096).every((b) => b === 2));
+});
+
 // ---------------------------------------------------------------- OrderedSink
 
 test("sink: writes in push order, zero runs included, before and after opening", async () => {

@@ -4,7 +4,9 @@
  * recent window (parallel clients read slightly out of order).
  *
  * Chunks are kept as the stream delivered them, without copying, except
- * for the head, which is copied once.
+ * for the head, which is copied once, and chunks that fill less than half
+ * of their buffer: a pipe read while its writer trickles returns a few KiB
+ * in a 64 KiB buffer, and a window of such chunks held 16 times its size.
  *
  * @module
  */
@@ -66,6 +68,7 @@ export class RetainedBytes {
    */
   append(data: Uint8Array): void {
     if (data.length === 0) return;
+    if (data.length * 2 < data.buffer.byteLength) data = data.slice();
     if (this.#end < this.#headSize) {
       this.#head ??= new Uint8Array(this.#headSize);
       const n = Math.min(data.length, this.#headSize - this.#end);
