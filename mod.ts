@@ -58,8 +58,10 @@ export { VERSION } from "./version.ts";
 
 /**
  * Create a file plugin, as `nbdkit-ts file FILE` uses: it serves a file or
- * block device, read-write unless the server is read-only. Its one
- * parameter is `file` (the path). Its handle is opaque: pass it back.
+ * block device (`file=`), or each file of a directory as an export (`dir=`),
+ * read-write unless the server is read-only or the file may only be read;
+ * `cache=` and `fadvise=` tune the page cache (see `nbdkit-ts file --help`).
+ * Its handle is opaque: pass it back.
  *
  * @returns A fresh, unconfigured plugin.
  *

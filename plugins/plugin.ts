@@ -11,7 +11,7 @@
  *
  * Offsets are JavaScript numbers: the server proves that
  * `offset + count <= Number.MAX_SAFE_INTEGER` (and within the export's size)
- * before it calls a plugin, and answers EOVERFLOW otherwise. Sizes may be
+ * before it calls a plugin, and answers EINVAL otherwise. Sizes may be
  * `bigint` so that an export can be larger than 2^53 bytes.
  *
  * The lifecycle, as nbdkit's: `config` for each `key=value`, in order;

@@ -74,7 +74,8 @@ Options:
   --tls=off|on|require    TLS refused / offered / required (STARTTLS). Without --tls:
                           on when certificates or keys are given or found.
   --tls-certificates=DIR  DIR holds ca-cert.pem, server-cert.pem, server-key.pem
-                          (default /etc/pki/nbdkit for root, else ~/.pki/nbdkit).
+                          (default /etc/pki/nbdkit for root, else ~/.pki/nbdkit
+                          or ~/.config/pki/nbdkit).
   --tls-psk=FILE          Pre-shared keys instead of certificates: 'identity:hexkey'
                           lines, as psktool writes them (Node only).
   --tls-verify-peer       Refuse clients without a certificate signed by ca-cert.pem
