@@ -229,6 +229,18 @@ export async function handshake(
     }
     return writer.write(optionReply(option, type, data));
   };
+  /**
+   * The refusal an option gets whatever it holds, or null: without fixed
+   * newstyle only EXPORT_NAME exists (nbdkit answers the rest so), and before
+   * a required TLS only STARTTLS and ABORT are allowed.
+   */
+  const gate = (option: number): number | null => {
+    if (!fixed && option !== NBD_OPT_EXPORT_NAME) return NBD_REP_ERR_INVALID;
+    if (options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
+      return NBD_REP_ERR_TLS_REQD;
+    }
+    return null;
+  };
   /** The export flags, as `-v` shows them. */
   const exportFlags = (flags: number) =>
     options.debug(`newstyle negotiation: flags: export 0x${flags.toString(16)}`);
@@ -255,31 +267,25 @@ export async function handshake(
       // read: the client gets an answer and may go on, as with nbdkit.
       await reader.skip(length);
       options.debug(tooLong);
-      let refusal = KNOWN_OPTIONS.has(option) ? NBD_REP_ERR_TOO_BIG : NBD_REP_ERR_UNSUP;
-      if (!fixed) refusal = NBD_REP_ERR_INVALID;
-      if (
-        options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT
-      ) {
-        refusal = NBD_REP_ERR_TLS_REQD;
-      }
-      await reply(option, refusal);
+      await reply(
+        option,
+        gate(option) ?? (KNOWN_OPTIONS.has(option) ? NBD_REP_ERR_TOO_BIG : NBD_REP_ERR_UNSUP),
+      );
       continue;
     }
     const data = length > 0 ? await reader.read(length) : new Uint8Array(0);
     options.debug(`newstyle negotiation: ${name}${length > 0 ? ` (${length} bytes)` : ""}`);
 
-    if (!fixed && option !== NBD_OPT_EXPORT_NAME) {
-      // Without fixed newstyle only EXPORT_NAME exists; nbdkit answers the rest so.
-      options.debug(`${name}: the client did not ask for fixed newstyle`);
-      await reply(option, NBD_REP_ERR_INVALID);
-      continue;
-    }
-
-    if (options.tls?.required && !tls && option !== NBD_OPT_STARTTLS && option !== NBD_OPT_ABORT) {
+    const refused = gate(option);
+    if (refused !== null) {
+      // gate() lets EXPORT_NAME through but for a required TLS, and it has no error reply.
       if (option === NBD_OPT_EXPORT_NAME) {
         throw new ProtocolError("client sent NBD_OPT_EXPORT_NAME before TLS, which is required");
       }
-      await reply(option, NBD_REP_ERR_TLS_REQD);
+      if (refused === NBD_REP_ERR_INVALID) {
+        options.debug(`${name}: the client did not ask for fixed newstyle`);
+      }
+      await reply(option, refused);
       continue;
     }
 

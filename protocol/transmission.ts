@@ -270,8 +270,8 @@ function validate(
   if (writes && (eflags & NBD_FLAG_READ_ONLY)) {
     return bad(NBD_EPERM, "write request on a read-only export");
   }
-  const range = rangeRefusal(s, type, offHi, offLo, count);
-  if (range) return bad(range.errno, range.why);
+  const range = rangeRefusal(bad, s, type, offHi, offLo, count);
+  if (range) return range;
   if ((flags & ~KNOWN_FLAGS) !== 0) return bad(NBD_EINVAL, `unknown flags 0x${flags.toString(16)}`);
   if ((flags & (NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO)) && type !== NBD_CMD_WRITE_ZEROES) {
     return bad(NBD_EINVAL, "NO_HOLE or FAST_ZERO flag on a command other than WRITE_ZEROES");
@@ -313,36 +313,35 @@ function validate(
   return null;
 }
 
-/** What is wrong with a request's offset and count, if anything. */
+/** The refusal, made by `validate`'s `bad`, of a request's offset and count, if anything is wrong. */
 function rangeRefusal(
+  bad: (errno: number, why: string) => Refusal,
   s: ExportSession,
   type: number,
   offHi: number,
   offLo: number,
   count: number,
-): { errno: number; why: string } | null {
+): Refusal | null {
   if (type === NBD_CMD_FLUSH) {
     return offHi !== 0 || offLo !== 0 || count !== 0
-      ? { errno: NBD_EINVAL, why: "offset and count must be zero" }
+      ? bad(NBD_EINVAL, "offset and count must be zero")
       : null;
   }
   // The spec's SHOULD (and nbdkit): writing past the end is "no space";
   // nbdkit counts a zero length as out of range too, so it is the same.
   const beyond = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
-  if (count === 0) return { errno: beyond, why: "count is zero" };
+  if (count === 0) return bad(beyond, "count is zero");
   const offset = offHi * TWO32 + offLo;
   if (offset + count > MAX_SAFE) {
     const end = ((BigInt(offHi) << 32n) | BigInt(offLo)) + BigInt(count);
     const at = end - BigInt(count);
-    if (end > s.size) {
-      return { errno: beyond, why: `offset ${at} + count ${count} > size ${s.size}` };
-    }
+    if (end > s.size) return bad(beyond, `offset ${at} + count ${count} > size ${s.size}`);
     // In range, but not exact as a JavaScript number: EINVAL, which every
     // client knows (EOVERFLOW is only for a DF read too large for one chunk).
-    return { errno: NBD_EINVAL, why: `offset ${at} is beyond what this server handles (2^53)` };
+    return bad(NBD_EINVAL, `offset ${at} is beyond what this server handles (2^53)`);
   }
   if (BigInt(offset + count) > s.size) {
-    return { errno: beyond, why: `offset ${offset} + count ${count} > size ${s.size}` };
+    return bad(beyond, `offset ${offset} + count ${count} > size ${s.size}`);
   }
   return null;
 }

@@ -5,10 +5,6 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { nbdsh, requireTool, startTestServer, type TestServer } from "./helpers.ts";
 import { CMD, concat, OPT, RawClient, u16, u32 } from "./raw_client.ts";
 
@@ -326,24 +322,6 @@ describe("bad input", () => {
   });
 });
 
-/** `nbdkit -f -U SOCKET ARGS…`, listening; stop() ends it. */
-async function startNbdkit(args: string[]): Promise<{ socket: string; stop(): Promise<void> }> {
-  const dir = mkdtempSync(join(tmpdir(), "nbdkit-ts-peer-"));
-  const socket = join(dir, "nbd.sock");
-  const child = spawn("nbdkit", ["-f", "-U", socket, ...args], { stdio: "ignore" });
-  const exited = new Promise((resolve) => child.on("close", resolve));
-  for (let i = 0; i < 200 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
-  assert.ok(existsSync(socket), "nbdkit did not start");
-  return {
-    socket,
-    async stop() {
-      child.kill("SIGTERM");
-      await exited;
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
-
 const MiB = 1024 * 1024;
 /** Offsets and counts: valid, empty, across the end, too large, far out, wrapping past 2^64. */
 const RANGES: [bigint, number][] = [
@@ -391,14 +369,16 @@ test("requests with one fault or several get the errno nbdkit gives them", async
   requireTool("nbdkit");
   for (const readonly of [false, true]) {
     const ours = await startTestServer([...(readonly ? ["-r"] : []), "memory", `size=${MiB}`]);
-    const peer = await startNbdkit([...(readonly ? ["-r"] : []), "memory", `${MiB}`]);
+    const peer = await startTestServer([...(readonly ? ["-r"] : []), "memory", `${MiB}`], {}, [
+      "nbdkit",
+    ]);
     try {
       const [mine, theirs] = [await errnos(ours.socket), await errnos(peer.socket)];
       assert.ok(mine.length > 300);
       assert.deepEqual(mine, theirs, readonly ? "read-only" : "read-write");
     } finally {
       assert.equal(await ours.stop(), 0);
-      await peer.stop();
+      assert.equal(await peer.stop(), 0);
     }
   }
 });

@@ -233,14 +233,17 @@ export interface TestServer {
  * it accepts connections.
  *
  * @param args Plugin and parameters (and any options), e.g. `["memory", "size=1M"]`.
+ * @param env Added to the client environment.
+ * @param command The server: ours unless told (`["nbdkit"]` for the peer).
  */
 export async function startTestServer(
   args: string[],
   env: Record<string, string> = {},
+  command: string[] = ourCommand(),
 ): Promise<TestServer> {
   const { dir } = scratch();
   const socket = join(dir, "nbd.sock");
-  const [cmd, ...pre] = ourCommand();
+  const [cmd, ...pre] = command;
   const child = spawn(cmd, [...pre, "-f", "-U", socket, ...args], {
     env: { ...CLIENT_ENV, ...env },
     stdio: ["ignore", "ignore", "pipe"],
