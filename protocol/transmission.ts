@@ -247,12 +247,7 @@ function validate(
   offLo: number,
   count: number,
 ): Refusal | null {
-  const name = commandName(type);
   const eflags = s.flags;
-  const bad = (errno: number, why: string): Refusal => ({
-    errno,
-    message: `invalid request: ${name}: ${why}`,
-  });
   switch (type) {
     case NBD_CMD_READ:
     case NBD_CMD_WRITE:
@@ -263,59 +258,77 @@ function validate(
     case NBD_CMD_BLOCK_STATUS:
       break;
     default:
-      return bad(NBD_EINVAL, "unknown command");
+      return refusal(type, NBD_EINVAL, "unknown command");
   }
   // A write to a read-only export is EPERM whatever else is wrong with it.
   const writes = type === NBD_CMD_WRITE || type === NBD_CMD_TRIM || type === NBD_CMD_WRITE_ZEROES;
   if (writes && (eflags & NBD_FLAG_READ_ONLY)) {
-    return bad(NBD_EPERM, "write request on a read-only export");
+    return refusal(type, NBD_EPERM, "write request on a read-only export");
   }
-  const range = rangeRefusal(bad, s, type, offHi, offLo, count);
+  const range = rangeRefusal(s, type, offHi, offLo, count);
   if (range) return range;
-  if ((flags & ~KNOWN_FLAGS) !== 0) return bad(NBD_EINVAL, `unknown flags 0x${flags.toString(16)}`);
+  if ((flags & ~KNOWN_FLAGS) !== 0) {
+    return refusal(type, NBD_EINVAL, `unknown flags 0x${flags.toString(16)}`);
+  }
   if ((flags & (NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO)) && type !== NBD_CMD_WRITE_ZEROES) {
-    return bad(NBD_EINVAL, "NO_HOLE or FAST_ZERO flag on a command other than WRITE_ZEROES");
+    return refusal(
+      type,
+      NBD_EINVAL,
+      "NO_HOLE or FAST_ZERO flag on a command other than WRITE_ZEROES",
+    );
   }
   if ((flags & NBD_CMD_FLAG_DF) && (type !== NBD_CMD_READ || !o.structured)) {
-    return bad(NBD_EINVAL, "DF flag without structured replies or on a command other than READ");
+    return refusal(
+      type,
+      NBD_EINVAL,
+      "DF flag without structured replies or on a command other than READ",
+    );
   }
   if ((flags & NBD_CMD_FLAG_REQ_ONE) && type !== NBD_CMD_BLOCK_STATUS) {
-    return bad(NBD_EINVAL, "REQ_ONE flag on a command other than BLOCK_STATUS");
+    return refusal(type, NBD_EINVAL, "REQ_ONE flag on a command other than BLOCK_STATUS");
   }
   // FUA on a command that does not write (READ, FLUSH, CACHE, BLOCK_STATUS)
   // is accepted and means nothing: the spec says a server that advertised
   // FUA MUST accept it on every command, since clients are known to set it.
   if ((flags & NBD_CMD_FLAG_FUA) && !(eflags & NBD_FLAG_SEND_FUA)) {
-    return bad(NBD_EINVAL, "FUA flag not advertised");
+    return refusal(type, NBD_EINVAL, "FUA flag not advertised");
   }
   // nbdkit passes this one to the plugin (and 1.32 fails an assertion there).
   if ((flags & NBD_CMD_FLAG_FAST_ZERO) && !(eflags & NBD_FLAG_SEND_FAST_ZERO)) {
-    return bad(NBD_EINVAL, "FAST_ZERO flag not advertised");
+    return refusal(type, NBD_EINVAL, "FAST_ZERO flag not advertised");
   }
   if ((type === NBD_CMD_READ || type === NBD_CMD_WRITE) && count > MAX_REQUEST_SIZE) {
-    return bad(NBD_ENOMEM, `count ${count} is larger than the maximum ${MAX_REQUEST_SIZE}`);
+    return refusal(
+      type,
+      NBD_ENOMEM,
+      `count ${count} is larger than the maximum ${MAX_REQUEST_SIZE}`,
+    );
   }
   if (type === NBD_CMD_FLUSH && !(eflags & NBD_FLAG_SEND_FLUSH)) {
-    return bad(NBD_EINVAL, "flush not supported");
+    return refusal(type, NBD_EINVAL, "flush not supported");
   }
   if (type === NBD_CMD_TRIM && !(eflags & NBD_FLAG_SEND_TRIM)) {
-    return bad(NBD_EINVAL, "trim not supported");
+    return refusal(type, NBD_EINVAL, "trim not supported");
   }
   if (type === NBD_CMD_WRITE_ZEROES && !(eflags & NBD_FLAG_SEND_WRITE_ZEROES)) {
-    return bad(NBD_EINVAL, "write zeroes not supported");
+    return refusal(type, NBD_EINVAL, "write zeroes not supported");
   }
   if (type === NBD_CMD_CACHE && !(eflags & NBD_FLAG_SEND_CACHE)) {
-    return bad(NBD_EINVAL, "cache not supported");
+    return refusal(type, NBD_EINVAL, "cache not supported");
   }
   if (type === NBD_CMD_BLOCK_STATUS && !(o.structured && o.baseAllocation)) {
-    return bad(NBD_EINVAL, "no metadata context was negotiated");
+    return refusal(type, NBD_EINVAL, "no metadata context was negotiated");
   }
   return null;
 }
 
-/** The refusal, made by `validate`'s `bad`, of a request's offset and count, if anything is wrong. */
+/** A refusal of a request of this type; the command's name is looked up only for a refusal. */
+function refusal(type: number, errno: number, why: string): Refusal {
+  return { errno, message: `invalid request: ${commandName(type)}: ${why}` };
+}
+
+/** The refusal of a request's offset and count, if anything is wrong with them. */
 function rangeRefusal(
-  bad: (errno: number, why: string) => Refusal,
   s: ExportSession,
   type: number,
   offHi: number,
@@ -324,24 +337,27 @@ function rangeRefusal(
 ): Refusal | null {
   if (type === NBD_CMD_FLUSH) {
     return offHi !== 0 || offLo !== 0 || count !== 0
-      ? bad(NBD_EINVAL, "offset and count must be zero")
+      ? refusal(type, NBD_EINVAL, "offset and count must be zero")
       : null;
   }
   // The spec's SHOULD (and nbdkit): writing past the end is "no space";
   // nbdkit counts a zero length as out of range too, so it is the same.
   const beyond = type === NBD_CMD_WRITE || type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
-  if (count === 0) return bad(beyond, "count is zero");
+  if (count === 0) return refusal(type, beyond, "count is zero");
   const offset = offHi * TWO32 + offLo;
   if (offset + count > MAX_SAFE) {
     const end = ((BigInt(offHi) << 32n) | BigInt(offLo)) + BigInt(count);
     const at = end - BigInt(count);
-    if (end > s.size) return bad(beyond, `offset ${at} + count ${count} > size ${s.size}`);
+    if (end > s.size) {
+      return refusal(type, beyond, `offset ${at} + count ${count} > size ${s.size}`);
+    }
     // In range, but not exact as a JavaScript number: EINVAL, which every
     // client knows (EOVERFLOW is only for a DF read too large for one chunk).
-    return bad(NBD_EINVAL, `offset ${at} is beyond what this server handles (2^53)`);
+    return refusal(type, NBD_EINVAL, `offset ${at} is beyond what this server handles (2^53)`);
   }
-  if (BigInt(offset + count) > s.size) {
-    return bad(beyond, `offset ${offset} + count ${count} > size ${s.size}`);
+  // A number against a bigint compares exactly, with no bigint made per request.
+  if (offset + count > s.size) {
+    return refusal(type, beyond, `offset ${offset} + count ${count} > size ${s.size}`);
   }
   return null;
 }
