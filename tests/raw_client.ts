@@ -140,6 +140,14 @@ export class RawClient {
   /** Negotiate GO on the default export (no structured replies); returns size and flags. */
   async go(exportName = ""): Promise<{ size: bigint; flags: number }> {
     await this.greet();
+    return await this.sendGo(exportName);
+  }
+
+  /**
+   * NBD_OPT_GO after options of the caller's own: the export's size and
+   * flags; throws unless the server answers with its ACK.
+   */
+  async sendGo(exportName = ""): Promise<{ size: bigint; flags: number }> {
     const name = new TextEncoder().encode(exportName);
     this.option(OPT.GO, concat(u32(name.length), name, u16(0)));
     let size = -1n;
