@@ -1,7 +1,8 @@
 /**
  * Debug messages from plugins, as nbdkit's `nbdkit_debug()`: printed only
- * with `-v`, in the server's format (`nbdkit-ts: PLUGIN: debug: MESSAGE`,
- * without the connection number nbdkit adds inside a connection), and nowhere
+ * with `-v`, in the server's format (`nbdkit-ts: PLUGIN[N]: debug: MESSAGE`
+ * inside connection N, after an `await` too, as nbdkit names its connection
+ * threads; `nbdkit-ts: PLUGIN: debug: MESSAGE` outside any), and nowhere
  * otherwise, so a plugin can say what it does without cluttering stderr.
  *
  * @module

@@ -7,6 +7,7 @@
 import { BUILTIN_PLUGINS } from "../plugins/builtin.ts";
 import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
+import { connectionContext } from "../runtime/async_context.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { ShellChild } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
@@ -363,7 +364,12 @@ async function run(argv: string[]): Promise<number> {
   }
   // A plugin's debug() lines, with -v only (Logger.debug checks), under its name.
   const pluginLog = new Logger(plugin.name);
-  setDebugSink((message) => pluginLog.debug(message));
+  // Inside a connection the line names it, as nbdkit's do (serve.ts sets
+  // the context with -v only, and only with -v does debug() print).
+  setDebugSink((message) => {
+    const where = connectionContext.getStore();
+    (where === undefined ? pluginLog : new Logger(where)).debug(message);
+  });
   if (args.help) {
     // As nbdkit: how to call the server, then the plugin and its parameters.
     const where = BUILTIN_PLUGINS[args.plugin] ? "built-in" : runtime.resolvePath(args.plugin);

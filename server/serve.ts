@@ -14,6 +14,7 @@ import { ProtocolError } from "../protocol/wire.ts";
 // would be an unhandled rejection, which ends the process).
 import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
+import { connectionContext } from "../runtime/async_context.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";
 import { pluginProvider } from "./backend.ts";
@@ -285,9 +286,8 @@ export async function startServer<H>(
   const handshakeFlags = (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES) &
     (options.maskHandshake ?? 0xffff);
 
-  const handle = async (entry: Entry, reader: ByteReader): Promise<void> => {
+  const handle = async (entry: Entry, reader: ByteReader, id: number): Promise<void> => {
     const { conn } = entry;
-    const id = ++counter;
     const clog = new Logger(`${plugin.name}[${id}]`);
     const traceTo = (m: string) => clog.debug(m);
     clog.debug("accepted connection");
@@ -410,7 +410,13 @@ export async function startServer<H>(
       done: Promise.resolve(),
       stopping: new AbortController(),
     };
-    entry.done = handle(entry, reader).finally(() => active.delete(entry));
+    const id = ++counter;
+    // With -v, everything done for this connection (the plugin's callbacks
+    // among it) knows which one it is, for the plugin's debug() lines.
+    const served = logConfig.verbose
+      ? connectionContext.run(`${plugin.name}[${id}]`, () => handle(entry, reader, id))
+      : handle(entry, reader, id);
+    entry.done = served.finally(() => active.delete(entry));
     active.add(entry);
   };
 

@@ -644,20 +644,34 @@ export default definePlugin({
 let zeroes = true;
 export default definePlugin({
   name: "helpers",
-  config: (_key, value) => { zeroes = parseBool(value); },
+  config: (_key, value) => { zeroes = parseBool(value); debug(\`config \${value}\`); },
   open: ({ exportName }) => { debug(\`open \${JSON.stringify(exportName)}, zeroes=\${zeroes}\`); return null; },
   getSize: () => 512,
-  pread: (_h, buf) => void buf.fill(zeroes ? 0 : 0xff),
+  pread: async (_h, buf, offset) => {
+    await new Promise((resolve) => setTimeout(resolve, 1));
+    debug(\`pread at \${offset}\`);
+    buf.fill(zeroes ? 0 : 0xff);
+  },
 });
 `,
       );
       const script = `nbdsh -u "$uri" -c 'print(h.pread(1, 0)[0])'`;
+      const twice = `${script} && nbdsh -u "$uri" -c 'h.pread(1, 7)'`;
       const quiet = await captive([file, "zeroes=Off"], script);
       assert.equal(quiet.stdout, "255\n", quiet.stderr);
       assert.equal(quiet.stderr, "");
-      const verbose = await captive(["-v", file, "zeroes=YES"], script);
+      const verbose = await captive(["-v", file, "zeroes=YES"], twice);
       assert.equal(verbose.stdout, "0\n", verbose.stderr);
-      assert.match(verbose.stderr, /^nbdkit-ts: helpers: debug: open "", zeroes=true$/m);
+      // Outside a connection, the plugin's name; inside one, its number too,
+      // as nbdkit's lines have, after an await as well as before.
+      assert.match(verbose.stderr, /^nbdkit-ts: helpers: debug: config YES$/m);
+      assert.match(verbose.stderr, /^nbdkit-ts: helpers\[1\]: debug: open "", zeroes=true$/m);
+      assert.match(verbose.stderr, /^nbdkit-ts: helpers\[1\]: debug: pread at 0$/m);
+      assert.match(verbose.stderr, /^nbdkit-ts: helpers\[2\]: debug: pread at 7$/m);
+      assert.doesNotMatch(
+        verbose.stderr,
+        /helpers\[2\]: debug: pread at 0|helpers\[1\]: debug: pread at 7/,
+      );
       const bad = await captive([file, "zeroes=maybe"], "true");
       assert.equal(bad.status, 1);
       assert.equal(bad.stderr, "nbdkit-ts: error: could not decipher boolean (maybe)\n");
