@@ -42,6 +42,13 @@ export function oneLine(line: string): string {
   return from === 0 ? line : out + line.slice(from);
 }
 
+/**
+ * Which connection the code running now serves (`memory[3]`), for a
+ * plugin's debug() lines. Unknown (undefined) unless the server tracks it,
+ * which it does with `-v` only (serve.ts).
+ */
+export const logContext: { current: () => string | undefined } = { current: () => undefined };
+
 function emit(line: string): void {
   if (logConfig.target === "stderr") runtime.writeStderr(`${oneLine(line)}\n`);
 }

@@ -7,12 +7,11 @@
 import { BUILTIN_PLUGINS } from "../plugins/builtin.ts";
 import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
-import { connectionContext } from "../runtime/async_context.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { ShellChild } from "../runtime/types.ts";
 import { VERSION } from "../version.ts";
 import { type CliArgs, parseCli, UsageError } from "./cli_args.ts";
-import { logConfig, Logger } from "./log.ts";
+import { logConfig, logContext, Logger } from "./log.ts";
 import { type Server, startServer } from "./serve.ts";
 import { loadTls, type TlsConfig, tlsLevel } from "./tls.ts";
 import { uriOf } from "./uri.ts";
@@ -367,7 +366,7 @@ async function run(argv: string[]): Promise<number> {
   // Inside a connection the line names it, as nbdkit's do (serve.ts sets
   // the context with -v only, and only with -v does debug() print).
   setDebugSink((message) => {
-    const where = connectionContext.getStore();
+    const where = logContext.current();
     (where === undefined ? pluginLog : new Logger(where)).debug(message);
   });
   if (args.help) {

@@ -14,11 +14,10 @@ import { ProtocolError } from "../protocol/wire.ts";
 // would be an unhandled rejection, which ends the process).
 import { messageOf } from "../plugins/errors.ts";
 import type { Plugin } from "../plugins/plugin.ts";
-import { connectionContext } from "../runtime/async_context.ts";
 import { runtime } from "../runtime/mod.ts";
 import type { Connection, ListenAddress, Listener } from "../runtime/types.ts";
 import { pluginProvider } from "./backend.ts";
-import { logConfig, Logger } from "./log.ts";
+import { logConfig, logContext, Logger } from "./log.ts";
 import { osMessage } from "./os_message.ts";
 import { Mutex } from "./mutex.ts";
 import { type TlsConfig, tlsUpgrade } from "./tls.ts";
@@ -253,6 +252,13 @@ export async function startServer<H>(
   options: ServeOptions = {},
 ): Promise<Server> {
   const log = new Logger();
+  // With -v, everything done for a connection (the plugin's callbacks among
+  // it) knows which one it is, for the plugin's debug() lines; loaded only
+  // then, so that start-up without -v does not pay for it.
+  const tracked = logConfig.verbose
+    ? (await import("../runtime/async_context.ts")).connectionContext
+    : undefined;
+  if (tracked) logContext.current = () => tracked.getStore();
   log.debug(`${plugin.name}: get_ready`);
   await plugin.getReady?.();
   /**
@@ -411,10 +417,8 @@ export async function startServer<H>(
       stopping: new AbortController(),
     };
     const id = ++counter;
-    // With -v, everything done for this connection (the plugin's callbacks
-    // among it) knows which one it is, for the plugin's debug() lines.
-    const served = logConfig.verbose
-      ? connectionContext.run(`${plugin.name}[${id}]`, () => handle(entry, reader, id))
+    const served = tracked
+      ? tracked.run(`${plugin.name}[${id}]`, () => handle(entry, reader, id))
       : handle(entry, reader, id);
     entry.done = served.finally(() => active.delete(entry));
     active.add(entry);
