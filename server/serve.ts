@@ -292,9 +292,14 @@ export async function startServer<H>(
   const handshakeFlags = (NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES) &
     (options.maskHandshake ?? 0xffff);
 
-  const handle = async (entry: Entry, reader: ByteReader, id: number): Promise<void> => {
+  const handle = async (
+    entry: Entry,
+    reader: ByteReader,
+    id: number,
+    context: string,
+  ): Promise<void> => {
     const { conn } = entry;
-    const clog = new Logger(`${plugin.name}[${id}]`);
+    const clog = new Logger(context);
     const traceTo = (m: string) => clog.debug(m);
     clog.debug("accepted connection");
     /** We closed the connection (timeout, shutdown): what fails next is no news. */
@@ -417,9 +422,10 @@ export async function startServer<H>(
       stopping: new AbortController(),
     };
     const id = ++counter;
+    const context = `${plugin.name}[${id}]`;
     const served = tracked
-      ? tracked.run(`${plugin.name}[${id}]`, () => handle(entry, reader, id))
-      : handle(entry, reader, id);
+      ? tracked.run(context, () => handle(entry, reader, id, context))
+      : handle(entry, reader, id, context);
     entry.done = served.finally(() => active.delete(entry));
     active.add(entry);
   };
