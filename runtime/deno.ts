@@ -243,11 +243,14 @@ export const denoRuntime: Runtime = {
     // instead: so the signal's disposition is set back to the default
     // (terminate) once that handler is in, and again a little later. Without
     // FFI allowed (no libc), Deno's behaviour stays.
-    const libc = denoLibc();
-    if (!libc) return;
-    const reset = () => libc.signal(SIGUSR1, 0n); // SIG_DFL
-    reset();
-    for (const ms of [600, 1500, 3000]) Deno.unrefTimer(setTimeout(reset, ms));
+    //
+    // Nothing is done sooner: a reset now would be undone by that handler,
+    // and loading libc and Deno's timers module (its first setTimeout) would
+    // cost every start-up about 10 ms. AbortSignal.timeout's timers need no
+    // such module; that they hold the event loop does not matter, since the
+    // command line ends with an explicit exit.
+    const reset = () => denoLibc()?.signal(SIGUSR1, 0n); // SIG_DFL
+    for (const ms of [600, 1500, 3000]) AbortSignal.timeout(ms).onabort = reset;
   },
 
   async lookup(hostname, family) {
