@@ -418,11 +418,17 @@ export default definePlugin({
 
 test("thread models: how many calls and connections run at once, as nbdkit defines them", async () => {
   // Two clients at once, each with 4 reads in flight; each read takes 300 ms.
+  // The barrier: both connected before either reads, however slow the
+  // handshakes (not with serialize_connections, where the second client is
+  // only let in once the first has gone).
   const py = `import os, sys, threading
 done = []
+both = threading.Barrier(2, timeout=60) if os.environ["BARRIER"] == "1" else None
 def client():
     h = nbd.NBD()
     h.connect_uri(uri)
+    if both:
+        both.wait()
     cookies = [h.aio_pread(nbd.Buffer(512), i * 512) for i in range(4)]
     while h.aio_in_flight() > 0:
         h.poll(-1)
@@ -473,7 +479,11 @@ export default definePlugin({
       ]
     ) {
       // nbdsh without -u: its own handle makes no connection.
-      const r = await captive([file, `model=${model}`], `nbdsh -c ${shQuote(py)}`);
+      const barrier = model === "serialize_connections" ? 0 : 1;
+      const r = await captive(
+        [file, `model=${model}`],
+        `BARRIER=${barrier} nbdsh -c ${shQuote(py)}`,
+      );
       assert.equal(r.status, 0, `${model}: ${r.stderr}`);
       seen[model] = JSON.parse(readFileSync(report, "utf8"));
     }

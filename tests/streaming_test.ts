@@ -182,9 +182,10 @@ describe("streaming plugin with real clients", () => {
   test("write= to a Unix socket, a regular file and standard output", async () => {
     const sock = path("sock");
     const listener = run(["/bin/sh", "-c", `socat -u UNIX-LISTEN:${sock} - | sha256sum`]);
-    for (let i = 0; i < 100 && !existsSync(sock); i++) {
+    for (let i = 0; i < 1500 && !existsSync(sock); i++) {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
+    assert.ok(existsSync(sock), "socat listens"); // else write=/read= would make a FIFO there
     const viaSocket = await captive(
       ["streaming", `write=${sock}`],
       `qemu-img convert -n ${img.sparse.qcow2} -O raw "$nbd"`,
@@ -241,7 +242,11 @@ describe("streaming plugin with real clients", () => {
       "python3",
       "-c",
       `import fcntl, os, time\nfd = os.open(${JSON.stringify(inp)}, os.O_WRONLY)\n` +
-      `os.write(fd, bytes(4096))\ntime.sleep(0.5)\nprint(fcntl.fcntl(fd, 1032))\n`,
+      // F_GETPIPE_SZ, until the server has enlarged the pipe (it does so once
+      // it has opened it) or 10 s have passed.
+      `os.write(fd, bytes(4096))\nend = time.time() + 10\n` +
+      `while fcntl.fcntl(fd, 1032) < ${MiB} and time.time() < end: time.sleep(0.05)\n` +
+      `print(fcntl.fcntl(fd, 1032))\n`,
     ]);
     const r = await captive(
       ["streaming", `read=${inp}`, "size=4096"],
@@ -305,9 +310,10 @@ describe("streaming plugin with real clients", () => {
 
     const sock = path("sock");
     const feeder = run(["/bin/sh", "-c", `socat -u FILE:${img.sparse.raw} UNIX-LISTEN:${sock}`]);
-    for (let i = 0; i < 100 && !existsSync(sock); i++) {
+    for (let i = 0; i < 1500 && !existsSync(sock); i++) {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
+    assert.ok(existsSync(sock), "socat listens"); // else write=/read= would make a FIFO there
     const out2 = path("sock.qcow2");
     const viaSocket = await captive(
       ["streaming", `read=${sock}`, `size=${SIZE}`],
@@ -471,7 +477,8 @@ except nbd.Error as e:
       );
       assert.equal(started.status, 0, started.stderr);
       let seen = "";
-      for (let i = 0; i < 200 && !existsSync(marker); i++) {
+      const deadline = Date.now() + 90_000; // the transfer takes seconds; more on a loaded machine
+      while (Date.now() < deadline && !existsSync(marker)) {
         await new Promise((resolve) => setTimeout(resolve, 50));
         const screen = capture();
         if (/streaming: .*%/.test(screen)) seen = screen;
@@ -482,7 +489,7 @@ except nbd.Error as e:
         `no progress line on the terminal; last screen:\n${capture()}`,
       );
       assert.equal(seen.match(/streaming:/g)?.length, 1, "one line, rewritten in place");
-      for (let i = 0; i < 200 && !existsSync(marker); i++) {
+      while (Date.now() < deadline && !existsSync(marker)) {
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
       const end = capture();

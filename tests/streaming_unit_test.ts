@@ -304,9 +304,12 @@ test("writer: a write that overflows the window stops the stream", async () => {
 
 test("writer: without staging, in-order writes wait for the pipe, held ones do not", async () => {
   const { writer, out } = newWriter(MiB, collector({ delayMs: 30 }));
-  const t0 = performance.now();
-  await writer.write(bytes(2), 1);
-  assert.ok(performance.now() - t0 < 20, "a held write is acknowledged at once");
+  // At once: before a zero-delay timer, which fires before the pipe's 30 ms one.
+  let held = false;
+  const heldWrite = writer.write(bytes(2), 1).then(() => held = true);
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(held, true, "a held write is acknowledged at once");
+  await heldWrite;
   const first = writer.write(bytes(1), 0);
   let settled = false;
   first.then(() => settled = true);

@@ -489,7 +489,9 @@ describe("TLS", () => {
       });
       assert.equal(flood.status, 0, flood.stderr);
       const [sent, grewKiB] = flood.stdout.trim().split(" ").map(Number);
-      assert.ok(sent > 100_000, `only ${sent} requests sent`);
+      // Enough requests that their replies, 64 KiB each, would be over 1 GiB
+      // held (this machine sends 150 000 or more in the 3 s; a loaded one fewer).
+      assert.ok(sent > 20_000, `only ${sent} requests sent`);
       assert.ok(
         grewKiB < 160 * 1024,
         `resident memory grew by ${grewKiB} KiB after ${sent} requests`,
