@@ -37,6 +37,17 @@ function assertCleanStderr(r: Result): void {
   assert.doesNotMatch(r.stderr, /Uncaught| {4}at |\r|streaming: \d/, r.stderr);
 }
 
+/**
+ * Wait (up to 30 s) for socat to listen on `sock`, and fail if it does not:
+ * otherwise `write=`/`read=` would make a FIFO at that path.
+ */
+async function socatListens(sock: string): Promise<void> {
+  for (let i = 0; i < 1500 && !existsSync(sock); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  assert.ok(existsSync(sock), "socat listens");
+}
+
 describe("streaming plugin with real clients", () => {
   let dir: string;
   let cleanup: () => void;
@@ -182,10 +193,7 @@ describe("streaming plugin with real clients", () => {
   test("write= to a Unix socket, a regular file and standard output", async () => {
     const sock = path("sock");
     const listener = run(["/bin/sh", "-c", `socat -u UNIX-LISTEN:${sock} - | sha256sum`]);
-    for (let i = 0; i < 1500 && !existsSync(sock); i++) {
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-    assert.ok(existsSync(sock), "socat listens"); // else write=/read= would make a FIFO there
+    await socatListens(sock);
     const viaSocket = await captive(
       ["streaming", `write=${sock}`],
       `qemu-img convert -n ${img.sparse.qcow2} -O raw "$nbd"`,
@@ -310,10 +318,7 @@ describe("streaming plugin with real clients", () => {
 
     const sock = path("sock");
     const feeder = run(["/bin/sh", "-c", `socat -u FILE:${img.sparse.raw} UNIX-LISTEN:${sock}`]);
-    for (let i = 0; i < 1500 && !existsSync(sock); i++) {
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-    assert.ok(existsSync(sock), "socat listens"); // else write=/read= would make a FIFO there
+    await socatListens(sock);
     const out2 = path("sock.qcow2");
     const viaSocket = await captive(
       ["streaming", `read=${sock}`, `size=${SIZE}`],
