@@ -4,11 +4,20 @@
  *
  * ```
  * deno run -A bench/libvirt.ts [--rounds=5] [--size=1024] [--requests=256K] [--runtime=deno]
+ *                               [--connect=local|tcp|ssh]
  * ```
  *
  * `--runtime=bun` or `--runtime=node` (the npm build: `deno task build:npm`
  * first) runs our server on that runtime; `NBDKIT_TS_CMD` (a JSON array)
  * overrides the command altogether.
+ *
+ * `--connect` picks the libvirt URI that both servers and the ceiling use:
+ * `local` (the default) is `qemu:///system`; `tcp` is `qemu+tcp://` to a
+ * second libvirtd listening on loopback; `ssh` is `qemu+ssh://root@127.0.0.1`
+ * through an sshd of its own on loopback (the tests' helpers start both). A
+ * remote URI adds a transport on the same two cores (ssh's encryption, or
+ * TCP), so the CPU budget, which does not count it, is printed for `local`
+ * only.
  *
  * `--size` is in MiB. Each round starts both servers on Unix sockets and
  * times nbdcopy alone (server start-up excluded), then reads the CPU time
@@ -42,7 +51,14 @@ import { existsSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { REPO } from "../tests/helpers.ts";
-import { must, setupLibvirt } from "../tests/libvirt_env.ts";
+import {
+  must,
+  type RemoteLibvirtd,
+  setupLibvirt,
+  type Sshd,
+  startRemoteLibvirtd,
+  startSshd,
+} from "../tests/libvirt_env.ts";
 
 const args = Object.fromEntries(
   process.argv.slice(2).map((a) => a.replace(/^--/, "").split("=", 2) as [string, string]),
@@ -51,6 +67,10 @@ const rounds = Number(args.rounds ?? 5);
 const sizeMiB = Number(args.size ?? 1024);
 const requestSize = args.requests ?? "";
 const runtime = args.runtime ?? "deno";
+const transport = args.connect ?? "local";
+if (!["local", "tcp", "ssh"].includes(transport)) {
+  throw new Error(`--connect=${transport}: one of local, tcp, ssh`);
+}
 const BIN = join(REPO, "node_modules", ".bin");
 const commands: Record<string, string[]> = {
   deno: [join(BIN, "deno"), "run", "-A", "--no-check", join(REPO, "cli.ts")],
@@ -67,7 +87,13 @@ function cpuSeconds(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
+/** The libvirt URI of this run; set once the remote daemon or sshd is up. */
+let uri = "qemu:///system";
+/** The daemon that serves `uri`'s peeks: the system one, or the second one for `tcp`. */
+let remoteDaemon: RemoteLibvirtd | undefined;
+
 function libvirtdPid(): number {
+  if (remoteDaemon) return remoteDaemon.pid;
   return Number(must("pgrep", ["-xo", "libvirtd"]).trim());
 }
 
@@ -118,7 +144,7 @@ function ceilingArgv(exe: string, domain: string): string[] {
   const size = String(sizeMiB * 1024 * 1024);
   return [
     exe,
-    "qemu:///system",
+    uri,
     domain,
     "sda",
     size,
@@ -241,15 +267,19 @@ function median(xs: number[]): number {
 }
 
 const env = await setupLibvirt({ bigSize: sizeMiB * 1024 * 1024, extraDisks: false });
+let sshd: Sshd | undefined;
+if (transport === "tcp") uri = (remoteDaemon = await startRemoteLibvirtd()).uri;
+if (transport === "ssh") uri = (sshd = await startSshd()).uri;
 const ceilingExe = buildCeiling();
 const nullServer = ceilingExe ? await startNull() : undefined;
 try {
-  const params = ["libvirt", `domain=${env.domain}`, "disk=sda"];
+  const params = ["libvirt", `connect=${uri}`, `domain=${env.domain}`, "disk=sda"];
   const programs = { ours, nbdkit: ["nbdkit"] };
   const cores = must("nproc", []).trim();
   console.log(
     `nbdcopy of a ${sizeMiB} MiB raw guest disk to null:, ${rounds} rounds, ${cores} cores, ` +
-      `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}`,
+      `ours on ${runtime}${requestSize ? `, --request-size=${requestSize}` : ""}, ` +
+      `libvirt ${uri.replace(/\?.*/, "")}`,
   );
   const results: Record<"ours" | "nbdkit", Sample[]> = { ours: [], nbdkit: [] };
   const ceilings: Ceiling[] = [];
@@ -316,25 +346,31 @@ try {
       `floor ratio (peeks and serving at once)/nbdkit: ${(t / f).toFixed(2)}x; ` +
         `the 2x target is ${t / f >= 2 ? "within" : "beyond"} this machine's reach in this run`,
     );
-    const daemon = median(ceilings.map((x) => x.libvirtdCpu));
-    const client = median(ceilings.map((x) => x.clientCpu));
-    const copy = of("nbdkit", "nbdcopyCpu");
-    const budget = Number(cores) * t / 2;
-    const fixed = daemon + client + copy;
-    console.log(
-      `cpu budget at the 2x time: ${cores} cores x ${(t / 2).toFixed(2)} s = ${
-        budget.toFixed(2)
-      } cpu-s; unavoidable: libvirtd ${daemon.toFixed(2)} + libvirt client ${
-        client.toFixed(2)
-      } + nbdcopy ${copy.toFixed(2)} = ${fixed.toFixed(2)}; left for a server's NBD side: ${
-        (budget - fixed).toFixed(2)
-      } cpu-s (ours spends about ${(of("ours", "serverCpu") - client).toFixed(2)}, nbdkit ${
-        (of("nbdkit", "serverCpu") - client).toFixed(2)
-      })`,
-    );
+    if (transport !== "local") {
+      console.log(`no cpu budget: the ${transport} transport's own cpu is not counted in it`);
+    } else {
+      const daemon = median(ceilings.map((x) => x.libvirtdCpu));
+      const client = median(ceilings.map((x) => x.clientCpu));
+      const copy = of("nbdkit", "nbdcopyCpu");
+      const budget = Number(cores) * t / 2;
+      const fixed = daemon + client + copy;
+      console.log(
+        `cpu budget at the 2x time: ${cores} cores x ${(t / 2).toFixed(2)} s = ${
+          budget.toFixed(2)
+        } cpu-s; unavoidable: libvirtd ${daemon.toFixed(2)} + libvirt client ${
+          client.toFixed(2)
+        } + nbdcopy ${copy.toFixed(2)} = ${fixed.toFixed(2)}; left for a server's NBD side: ${
+          (budget - fixed).toFixed(2)
+        } cpu-s (ours spends about ${(of("ours", "serverCpu") - client).toFixed(2)}, nbdkit ${
+          (of("nbdkit", "serverCpu") - client).toFixed(2)
+        })`,
+      );
+    }
   }
 } finally {
   await nullServer?.stop();
   if (ceilingExe) rmSync(ceilingExe, { force: true });
+  await sshd?.cleanup();
+  await remoteDaemon?.cleanup();
   env.cleanup();
 }
