@@ -268,11 +268,13 @@ function median(xs: number[]): number {
 
 const env = await setupLibvirt({ bigSize: sizeMiB * 1024 * 1024, extraDisks: false });
 let sshd: Sshd | undefined;
-if (transport === "tcp") uri = (remoteDaemon = await startRemoteLibvirtd()).uri;
-if (transport === "ssh") uri = (sshd = await startSshd()).uri;
 const ceilingExe = buildCeiling();
-const nullServer = ceilingExe ? await startNull() : undefined;
+let nullServer: Awaited<ReturnType<typeof startNull>> | undefined;
 try {
+  // Started inside the try, so that the domain goes away if they fail.
+  if (transport === "tcp") uri = (remoteDaemon = await startRemoteLibvirtd()).uri;
+  if (transport === "ssh") uri = (sshd = await startSshd()).uri;
+  if (ceilingExe) nullServer = await startNull();
   const params = ["libvirt", `connect=${uri}`, `domain=${env.domain}`, "disk=sda"];
   const programs = { ours, nbdkit: ["nbdkit"] };
   const cores = must("nproc", []).trim();
