@@ -16,7 +16,7 @@ import { RetainedBytes } from "../plugins/streaming/retained_bytes.ts";
 import { OrderedSink } from "../plugins/streaming/ordered_sink.ts";
 import { StagingRing } from "../plugins/streaming/staging_ring.ts";
 import { MAX_HELD_RANGES, StreamWriter } from "../plugins/streaming/stream_writer.ts";
-import { StreamReader } from "../plugins/streaming/stream_reader.ts";
+import { READ_CHUNK, StreamReader } from "../plugins/streaming/stream_reader.ts";
 import { formatDuration, formatProgress, ProgressLine } from "../plugins/streaming/progress.ts";
 import { createStreamingPlugin, DEFAULT_SIZE } from "../plugins/streaming.ts";
 import { setStdioSafe } from "../plugins/stdio.ts";
@@ -182,6 +182,23 @@ test("retained: a chunk filling little of its buffer is kept as a copy, a full o
   assert.ok(r.copyOut(buf, 0));
   assert.ok(buf.subarray(0, 4096).every((b) => b === 7));
   assert.ok(buf.subarray(4096).every((b) => b === 2));
+});
+
+test("retained: a chunk's buffer is handed back once nothing reads from it", () => {
+  const released: ArrayBufferLike[] = [];
+  const r = new RetainedBytes(0, 8, (b) => released.push(b));
+  const chunks = [0, 1, 2, 3].map((i) => pattern(4, i + 1));
+  r.append(chunks[0]);
+  r.append(chunks[1]);
+  r.append(chunks[2]);
+  assert.deepEqual(released, [chunks[0].buffer], "the window needs only the last 8 bytes");
+  const trickle = new Uint8Array(16);
+  trickle[0] = 5;
+  r.append(trickle.subarray(0, 1)); // copied: its buffer is free at once
+  assert.equal(released.at(-1), trickle.buffer);
+  const buf = new Uint8Array(9);
+  assert.ok(r.copyOut(buf, 4));
+  assert.deepEqual(buf, new Uint8Array([...chunks[1], ...chunks[2], 5]));
 });
 
 // ---------------------------------------------------------------- OrderedSink
@@ -455,6 +472,50 @@ test("reader: serves the stream in order, re-reads the head and recent bytes", a
   assert.deepEqual(buf, data.subarray(5 * MiB + 768 * 1024, 6 * MiB + 256 * 1024));
   await rejectsWith(r.read(buf, 2 * MiB), "EIO", /Cannot read offset 2097152 .*again/);
   await rejectsWith(r.read(buf, 7 * MiB), "EIO", /stopped earlier/);
+  await r.close();
+});
+
+test("reader: a byte stream is read into whole buffers, reused once they leave the window", async () => {
+  const data = pattern(16 * MiB, 5);
+  let at = 0;
+  let fresh = 0; // buffers that arrive all zero were never read into
+  let reused = 0;
+  const sizes = new Set<number>();
+  const bytes = new ReadableStream({
+    type: "bytes",
+    pull(c) {
+      const view = c.byobRequest!.view!;
+      const into = new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+      sizes.add(into.length);
+      if (into.every((b) => b === 0)) fresh++;
+      else reused++;
+      if (at >= data.length) {
+        c.close();
+        return c.byobRequest!.respond(0);
+      }
+      // Three quarters of a buffer at a time, as a pipe that is not quite full gives.
+      const n = Math.min(into.length * 3 / 4, data.length - at);
+      into.set(data.subarray(at, at + n));
+      at += n;
+      c.byobRequest!.respond(n);
+    },
+  });
+  const r = new StreamReader({
+    source: Promise.resolve(bytes),
+    window: 2 * MiB,
+    name: "test",
+    readahead: MiB,
+  });
+  const b = new Uint8Array(512 * 1024);
+  for (let off = 0; off < data.length; off += b.length) {
+    await r.read(b, off);
+    assert.deepEqual(b, data.subarray(off, off + b.length), `offset ${off}`);
+  }
+  await r.read(b, 0); // the head, copied once
+  assert.deepEqual(b, data.subarray(0, b.length));
+  assert.deepEqual([...sizes], [READ_CHUNK]);
+  assert.ok(fresh <= 6, `${fresh} buffers allocated for a 2 MiB window`);
+  assert.ok(reused >= 15, `${reused} buffers reused`);
   await r.close();
 });
 

@@ -39,16 +39,24 @@ export class RetainedBytes {
   #first = 0;
   #bytes = 0;
   #end = 0;
+  #onRelease: ((buffer: ArrayBufferLike) => void) | undefined;
 
   /**
    * Create an empty store.
    *
    * @param headSize How many bytes from the start of the stream are kept.
    * @param window How many of the most recent bytes are kept (at least).
+   * @param onRelease Given each chunk's buffer once nothing is read from it
+   *   any more (it left the window, or its bytes were copied), for reuse.
    */
-  constructor(headSize: number, window: number) {
+  constructor(
+    headSize: number,
+    window: number,
+    onRelease?: (buffer: ArrayBufferLike) => void,
+  ) {
     this.#headSize = headSize;
     this.#window = window;
+    this.#onRelease = onRelease;
   }
 
   /** Bytes consumed from the stream so far (the offset of the next byte). */
@@ -67,8 +75,12 @@ export class RetainedBytes {
    * @param data The bytes.
    */
   append(data: Uint8Array): void {
-    if (data.length === 0) return;
-    if (data.length * 2 < data.buffer.byteLength) data = data.slice();
+    if (data.length === 0) return this.#onRelease?.(data.buffer);
+    if (data.length * 2 < data.buffer.byteLength) {
+      const whole = data.buffer;
+      data = data.slice();
+      this.#onRelease?.(whole);
+    }
     if (this.#end < this.#headSize) {
       this.#head ??= new Uint8Array(this.#headSize);
       const n = Math.min(data.length, this.#headSize - this.#end);
@@ -82,8 +94,10 @@ export class RetainedBytes {
       this.#chunks.length - this.#first > 1 &&
       this.#bytes - this.#chunks[this.#first].data.length >= this.#window
     ) {
-      this.#bytes -= this.#chunks[this.#first].data.length;
+      const gone = this.#chunks[this.#first].data;
+      this.#bytes -= gone.length;
       this.#first++;
+      this.#onRelease?.(gone.buffer);
     }
     if (this.#first > 1024 && this.#first * 2 > this.#chunks.length) {
       this.#chunks.splice(0, this.#first);
