@@ -331,6 +331,44 @@ test(
   },
 );
 
+test(
+  "openReadStream of a FIFO: a slow BYOB reader with small buffers gets every byte, in order",
+  { timeout: 60_000 },
+  async () => {
+    // The streaming plugin's read mode reads with BYOB; Node's FIFO stream copies
+    // from one socket buffer into the reader's, pausing the socket while none waits.
+    const { dir, cleanup } = scratch();
+    try {
+      const path = `${dir}/fifo`;
+      await runtime.mkfifo(path);
+      const [writable, readable] = await Promise.all([
+        runtime.openWriteStream(path),
+        runtime.openReadStream(path),
+      ]);
+      const data = pattern(12 << 20, 9);
+      const reader = readable.getReader({ mode: "byob" });
+      const received = new Uint8Array(data.length);
+      let at = 0;
+      const reading = (async () => {
+        let buf = new Uint8Array(100_000); // smaller than a pipe's worth: reads leave a remainder
+        for (let i = 0;; i++) {
+          const { value, done } = await reader.read(buf);
+          if (done) break;
+          received.set(value, at);
+          at += value.length;
+          buf = new Uint8Array(value.buffer);
+          if (i % 16 === 0) await new Promise((r) => setTimeout(r, 5)); // let the writer get ahead
+        }
+      })();
+      await Promise.all([writeChunked(writable, data).then(() => writable.close()), reading]);
+      assert.equal(at, data.length);
+      assertSameBytes(received, data);
+    } finally {
+      cleanup();
+    }
+  },
+);
+
 /** The descriptors of this process open on `path`, each with whether it is nonblocking. */
 function fdsOn(path: string): { fd: number; nonblocking: boolean }[] {
   const out = [];
