@@ -116,6 +116,23 @@ export function readableFromNode(
   onCancel: () => void,
   hold?: (held: boolean) => void,
 ): ReadableStream<Uint8Array> {
+  return nodeByteStream(src, onCancel, hold, (push) => {
+    src.on("data", (chunk: Uint8Array) => push(ownedChunk(chunk), false));
+  });
+}
+
+/**
+ * The web byte stream of {@linkcode readableFromNode}, fed by `attach`'s
+ * calls of `push`: with `reused`, the bytes' buffer is read into again
+ * once `push` returns, so they are copied (straight into a BYOB reader's
+ * buffer when one waits); otherwise the stream takes the buffer over.
+ */
+function nodeByteStream(
+  src: Readable,
+  onCancel: () => void,
+  hold: ((held: boolean) => void) | undefined,
+  attach: (push: (bytes: Uint8Array<ArrayBuffer>, reused: boolean) => void) => void,
+): ReadableStream<Uint8Array> {
   let done = false;
   let paused = false;
   return new ReadableStream({
@@ -132,9 +149,19 @@ export function readableFromNode(
           controller.byobRequest?.respond(0);
         }
       };
-      src.on("data", (chunk: Uint8Array) => {
-        if (done || chunk.byteLength === 0) return;
-        controller.enqueue(ownedChunk(chunk));
+      attach((bytes, reused) => {
+        if (done || bytes.byteLength === 0) return;
+        if (!reused) {
+          controller.enqueue(bytes);
+        } else {
+          const view = controller.byobRequest?.view;
+          const n = view ? Math.min(view.byteLength, bytes.length) : 0;
+          if (view) {
+            new Uint8Array(view.buffer, view.byteOffset, n).set(bytes.subarray(0, n));
+            controller.byobRequest!.respond(n);
+          }
+          if (n < bytes.length) controller.enqueue(bytes.slice(n));
+        }
         if (!paused && (controller.desiredSize ?? 0) <= 0) {
           paused = true;
           src.pause();
@@ -708,61 +735,27 @@ export function fdWritable(fd: number): WritableStream<Uint8Array> {
  * that way, 1.90–2.14 s this way (bench/streaming_read.sh).
  */
 function pipeReadable(fd: number): ReadableStream<Uint8Array> {
-  let controller!: ReadableByteStreamController;
-  let done = false;
-  let paused = false;
-  const finish = (err?: Error) => {
-    if (done) return;
-    done = true;
-    if (err) return controller.error(err);
-    controller.close();
-    controller.byobRequest?.respond(0); // a BYOB read waiting for bytes is told there are none
-  };
-  const deliver = (bytes: Uint8Array): boolean => {
-    const view = controller.byobRequest?.view;
-    let n = 0;
-    if (view) {
-      n = Math.min(view.byteLength, bytes.length);
-      new Uint8Array(view.buffer, view.byteOffset, n).set(bytes.subarray(0, n));
-      controller.byobRequest!.respond(n);
-    }
-    if (n < bytes.length) controller.enqueue(bytes.slice(n)); // the buffer is read into again
-    if ((controller.desiredSize ?? 0) > 0 || controller.byobRequest) return true;
-    paused = true;
-    return false; // pauses the socket until the next pull
-  };
+  let push: ((bytes: Uint8Array<ArrayBuffer>, reused: boolean) => void) | undefined;
   // Node's Socket constructor takes `onread` as connect() does; its types list it for connect() only.
   const options: net.SocketConstructorOpts & {
-    onread: { buffer: Uint8Array; callback(n: number, buf: Uint8Array): boolean };
+    onread: {
+      buffer: Uint8Array<ArrayBuffer>;
+      callback(n: number, buf: Uint8Array<ArrayBuffer>): boolean;
+    };
   } = {
     fd,
     readable: true,
     writable: false,
     onread: {
       buffer: new Uint8Array(PIPE_SIZE),
-      callback: (n: number, buf: Uint8Array) => done || n <= 0 || deliver(buf.subarray(0, n)),
+      callback(n, buf) {
+        if (n > 0) push?.(buf.subarray(0, n), true);
+        return true; // backpressure pauses the socket through pause()
+      },
     },
   };
   const sock = new net.Socket(options);
-  sock.on("end", () => finish());
-  sock.on("close", () => finish());
-  sock.on("error", (err: Error) => finish(err));
-  return new ReadableStream({
-    type: "bytes",
-    start(c) {
-      controller = c;
-    },
-    pull() {
-      if (paused) {
-        paused = false;
-        sock.resume();
-      }
-    },
-    cancel() {
-      done = true;
-      sock.destroy();
-    },
-  }, { highWaterMark: READ_HIGH_WATER_MARK });
+  return nodeByteStream(sock, () => sock.destroy(), undefined, (p) => push = p);
 }
 
 function pipeWritable(fd: number): WritableStream<Uint8Array> {
