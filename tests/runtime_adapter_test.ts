@@ -303,6 +303,13 @@ test("openFile: pwrite, pread, size, sync", async () => {
   }
 });
 
+/** Both ends of the FIFO at `path`, opened at once: neither open may block the event loop, or the other could never start. */
+function openFifoEnds(
+  path: string,
+): Promise<[WritableStream<Uint8Array>, ReadableStream<Uint8Array>]> {
+  return Promise.all([runtime.openWriteStream(path), runtime.openReadStream(path)]);
+}
+
 test(
   "mkfifo: 5 MiB through a FIFO, both ends opened concurrently",
   { timeout: 60_000 },
@@ -313,11 +320,7 @@ test(
       await runtime.mkfifo(path);
       assert.equal((await runtime.stat(path))?.kind, "fifo");
       await assert.rejects(runtime.mkfifo(path), /mkfifo/);
-      // Neither open may block the event loop, or the other could never start.
-      const [writable, readable] = await Promise.all([
-        runtime.openWriteStream(path),
-        runtime.openReadStream(path),
-      ]);
+      const [writable, readable] = await openFifoEnds(path);
       const data = pattern(5 << 20, 3);
       const [, received] = await Promise.all([
         writeChunked(writable, data).then(() => writable.close()),
@@ -341,10 +344,7 @@ test(
     try {
       const path = `${dir}/fifo`;
       await runtime.mkfifo(path);
-      const [writable, readable] = await Promise.all([
-        runtime.openWriteStream(path),
-        runtime.openReadStream(path),
-      ]);
+      const [writable, readable] = await openFifoEnds(path);
       const data = pattern(12 << 20, 9);
       const reader = readable.getReader({ mode: "byob" });
       const received = new Uint8Array(data.length);
