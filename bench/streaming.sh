@@ -51,8 +51,6 @@ WANT=$(cat "$RAW.sha256")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-now() { date +%s.%N; }
-
 # One run of ours: prints "SECONDS RSS_KIB".
 ours() {
   local fifo=$WORK/fifo sum=$WORK/ours.sum t0 t1 rss
@@ -90,8 +88,6 @@ floor() {
   t1=$(now)
   echo "$t1 - $t0" | bc -l
 }
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 command -v bc >/dev/null || { echo "missing tool: bc (apt-get install bc)" >&2; exit 1; }
 echo "$SIZE qcow2 of random data -> raw stream -> sha256sum, $ROUNDS rounds ($(nproc) cores)"

@@ -39,8 +39,6 @@ WORK=$(mktemp -d)
 OUT=$(mktemp -d /dev/shm/nbdkit-ts-bench-XXXXXX)
 trap 'rm -rf "$WORK" "$OUT"' EXIT
 
-now() { date +%s.%N; }
-
 # A fresh qcow2 of the stream's size at $OUT/$1.
 image() {
   rm -f "$OUT/$1"
@@ -82,8 +80,6 @@ peer() {
   check peer.qcow2 nbdcopy
   echo "$t1 - $t0" | bc -l
 }
-
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 echo "$SIZE raw stream -> qcow2 on tmpfs, $ROUNDS rounds ($(nproc) cores)"
 echo "ours: $NBDKIT_TS"
